@@ -1,0 +1,1 @@
+"""Benchmarks: python -m streamer.bench antialias|codec|call."""

@@ -1,0 +1,268 @@
+"""Frame packets: a versioned header, quantizer side information, and bit-packed codes.
+
+A frame's latents (C, H, W) travel as one or more *slices*: each slice carries a band of latent
+rows [row_start, row_start + row_count) for all channels and is decodable on its own, so a lost
+slice costs only its rows (the receiver conceals them) and a slice can fit one SCTP chunk.
+
+Layout (big-endian), version 1::
+
+    offset size  field
+     0     4     magic  b"NVCF"
+     4     1     version
+     5     1     coding        0 = raw bit-packed codes (entropy coding slots in as 1)
+     6     1     frame_type    0 = intra (inter-frame coding slots in as 1)
+     7     1     bits          1..8 bits per code
+     8     1     quant_mode    0 = fixed range, 1 = per-frame per-channel min/max
+     9     1     flags         reserved, 0
+    10     4     model_id      CRC32 of the model's config and weights (see weights.py)
+    14     4     frame_number
+    18     8     timestamp_us  sender's capture time, microseconds since the epoch
+    26     2x3   channels, height, width   the whole frame's latent shape
+    32     2x2   row_start, row_count      this slice's latent rows
+    36     2     side_len      bytes of side information (minmax: C float16 lo, then C hi)
+    38     4     payload_len   bytes of packed codes = ceil(C * row_count * width * bits / 8)
+    42     ...   side information, payload
+    end-4  4     CRC32 of everything before it
+
+Codes are packed MSB-first in (channel, row, column) order: 6-bit codes take exactly 6 bits.
+`unpack` is strict: anything else raises `PacketError` and nothing but `PacketError`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PacketError
+from .quantizer import Quantized
+
+MAGIC = b"NVCF"
+VERSION = 1
+CODING_RAW = 0
+FRAME_INTRA = 0
+QUANT_MODES = {"fixed": 0, "minmax": 1}
+QUANT_NAMES = {v: k for k, v in QUANT_MODES.items()}
+
+_HEADER = struct.Struct(">4sBBBBBBIIQHHHHHHI")
+HEADER_BYTES = _HEADER.size  # 42
+CRC_BYTES = 4
+OVERHEAD_BYTES = HEADER_BYTES + CRC_BYTES
+MAX_PACKET_BYTES = 262_144  # aiortc's largest data-channel message
+SCTP_CHUNK_BYTES = 1_160  # aiortc splits messages into chunks of this size
+MAX_LATENT_SIDE = 1024
+MAX_CHANNELS = 1024
+
+
+@dataclass(frozen=True)
+class PacketHeader:
+    model_id: int
+    frame_number: int
+    timestamp_us: int
+    channels: int
+    height: int
+    width: int
+    row_start: int
+    row_count: int
+    bits: int
+    quant_mode: str
+    coding: int = CODING_RAW
+    frame_type: int = FRAME_INTRA
+    version: int = VERSION
+
+    @property
+    def is_whole_frame(self) -> bool:
+        return self.row_start == 0 and self.row_count == self.height
+
+
+@dataclass
+class Packet:
+    header: PacketHeader
+    codes: np.ndarray  # (channels, row_count, width) uint8
+    lo: np.ndarray | None  # (channels,) float32; None in fixed mode (the model holds the range)
+    hi: np.ndarray | None
+
+
+# -- bit packing ---------------------------------------------------------------------------
+
+def _group(bits: int) -> tuple[int, int, type]:
+    """The smallest run of codes that fills whole bytes: (codes, bytes, word dtype).
+    6 bits: 4 codes in 3 bytes; 3, 5 or 7 bits: 8 codes in 3, 5 or 7 bytes."""
+    codes = 8 // math.gcd(bits, 8)
+    nbytes = codes * bits // 8
+    return codes, nbytes, (np.uint64 if nbytes > 4 else np.uint32)
+
+
+def packed_size(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Pack uint8 codes (< 2**bits) into bytes, `bits` bits each, MSB first.
+
+    Codes are taken a whole-byte group at a time (see `_group`): each group is OR-ed into one
+    machine word with vectorized shifts, and the word's bytes are written out big-endian."""
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    n = flat.size
+    g, nb, dt = _group(bits)
+    groups = -(-n // g)
+    if groups * g != n:
+        flat = np.concatenate([flat, np.zeros(groups * g - n, np.uint8)])
+    cols = flat.reshape(groups, g)
+    word = np.zeros(groups, dt)
+    for i in range(g):
+        word |= cols[:, i].astype(dt) << dt(bits * (g - 1 - i))
+    out = np.empty((groups, nb), np.uint8)
+    for j in range(nb):
+        out[:, j] = word >> dt(8 * (nb - 1 - j))  # the cast keeps the low byte
+    return out.tobytes()[: packed_size(n, bits)]
+
+
+def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
+    """The inverse of `pack_bits`: `count` codes of `bits` bits from `data`."""
+    if len(data) != packed_size(count, bits):
+        raise PacketError(f"payload holds {len(data)} bytes, {packed_size(count, bits)} expected")
+    g, nb, dt = _group(bits)
+    groups = -(-count // g)
+    raw = np.zeros(groups * nb, np.uint8)
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = raw.reshape(groups, nb)
+    word = np.zeros(groups, dt)
+    for j in range(nb):
+        word |= rows[:, j].astype(dt) << dt(8 * (nb - 1 - j))
+    out = np.empty((groups, g), np.uint8)
+    mask = dt((1 << bits) - 1)
+    for i in range(g):
+        out[:, i] = (word >> dt(bits * (g - 1 - i))) & mask
+    return out.reshape(-1)[:count]
+
+
+# -- packets -------------------------------------------------------------------------------
+
+def side_bytes(quant_mode: str, channels: int) -> int:
+    return 4 * channels if quant_mode == "minmax" else 0
+
+
+def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
+         hi: np.ndarray | None = None) -> bytes:
+    """One packet for one slice. `codes` is (channels, row_count, width) uint8."""
+    h = header
+    if codes.shape != (h.channels, h.row_count, h.width):
+        raise ValueError(f"codes shape {codes.shape} does not match header {(h.channels, h.row_count, h.width)}")
+    side = b""
+    if h.quant_mode == "minmax":
+        if lo is None or hi is None:
+            raise ValueError("minmax packets need the lo/hi side information")
+        side = np.asarray(lo, np.float32).astype(">f2").tobytes() + np.asarray(hi, np.float32).astype(">f2").tobytes()
+    payload = pack_bits(codes, h.bits)
+    head = _HEADER.pack(MAGIC, h.version, h.coding, h.frame_type, h.bits, QUANT_MODES[h.quant_mode], 0,
+                        h.model_id, h.frame_number, h.timestamp_us, h.channels, h.height, h.width,
+                        h.row_start, h.row_count, len(side), len(payload))
+    body = head + side + payload
+    packet = body + struct.pack(">I", zlib.crc32(body))
+    if len(packet) > MAX_PACKET_BYTES:
+        raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_BYTES}; use more slices")
+    return packet
+
+
+def rows_per_slice(q_shape: tuple[int, int, int], bits: int, quant_mode: str,
+                   max_packet_bytes: int | None) -> int:
+    """The most latent rows whose packet fits `max_packet_bytes` (at least one row)."""
+    channels, height, width = q_shape
+    if max_packet_bytes is None:
+        return height
+    room = max_packet_bytes - OVERHEAD_BYTES - side_bytes(quant_mode, channels)
+    per_row_bits = channels * width * bits
+    return max(1, min(height, room * 8 // per_row_bits))
+
+
+def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int,
+               max_packet_bytes: int | None = None) -> list[bytes]:
+    """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`."""
+    channels, height, width = q.codes.shape
+    rows = rows_per_slice(q.codes.shape, q.bits, q.mode, max_packet_bytes)
+    packets = []
+    for start in range(0, height, rows):
+        count = min(rows, height - start)
+        header = PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
+                              timestamp_us=timestamp_us, channels=channels, height=height, width=width,
+                              row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode)
+        packets.append(pack(header, q.codes[:, start:start + count], q.lo, q.hi))
+    return packets
+
+
+def unpack(data: bytes, expect_model_id: int | None = None) -> Packet:
+    """Parse one packet strictly. Every malformed input raises `PacketError` with the reason."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PacketError(f"a packet is bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > MAX_PACKET_BYTES:
+        raise PacketError(f"packet of {len(data)} bytes is over the {MAX_PACKET_BYTES}-byte limit")
+    if len(data) < OVERHEAD_BYTES:
+        raise PacketError(f"truncated packet: {len(data)} bytes, a header alone is {OVERHEAD_BYTES}")
+    (magic, version, coding, frame_type, bits, qmode, flags, model_id, frame_number, ts, channels,
+     height, width, row_start, row_count, side_len, payload_len) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise PacketError(f"not a frame packet (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise PacketError(f"packet format version {version}; this decoder reads version {VERSION}")
+    if coding != CODING_RAW:
+        raise PacketError(f"unsupported coding {coding} (this decoder reads raw codes, 0)")
+    if frame_type != FRAME_INTRA:
+        raise PacketError(f"unsupported frame type {frame_type} (this decoder reads intra frames, 0)")
+    if not 1 <= bits <= 8:
+        raise PacketError(f"bits per code {bits} outside 1..8")
+    if qmode not in QUANT_NAMES:
+        raise PacketError(f"unknown quantizer mode {qmode}")
+    if flags != 0:
+        raise PacketError(f"unknown flags {flags:#x}")
+    if expect_model_id is not None and model_id != expect_model_id:
+        raise PacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
+    if not (1 <= channels <= MAX_CHANNELS and 1 <= height <= MAX_LATENT_SIDE and 1 <= width <= MAX_LATENT_SIDE):
+        raise PacketError(f"latent shape {channels}x{height}x{width} out of range")
+    if row_count < 1 or row_start + row_count > height:
+        raise PacketError(f"slice rows {row_start}+{row_count} outside a frame of {height} rows")
+    mode = QUANT_NAMES[qmode]
+    if side_len != side_bytes(mode, channels):
+        raise PacketError(f"side information of {side_len} bytes, {side_bytes(mode, channels)} expected")
+    count = channels * row_count * width
+    if payload_len != packed_size(count, bits):
+        raise PacketError(f"payload length {payload_len} does not match {count} codes of {bits} bits")
+    expected = OVERHEAD_BYTES + side_len + payload_len
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "oversized"
+        raise PacketError(f"{kind} packet: {len(data)} bytes, header says {expected}")
+    (crc,) = struct.unpack_from(">I", data, len(data) - CRC_BYTES)
+    if crc != zlib.crc32(memoryview(data)[: len(data) - CRC_BYTES]):
+        raise PacketError("checksum mismatch: the packet is corrupt")
+    lo = hi = None
+    if mode == "minmax":
+        side = np.frombuffer(data, dtype=">f2", count=2 * channels, offset=HEADER_BYTES).astype(np.float32)
+        lo, hi = side[:channels], side[channels:]
+        if not (np.isfinite(side).all() and (hi >= lo).all()):
+            raise PacketError("side information holds a non-finite or inverted range")
+    payload = data[HEADER_BYTES + side_len: HEADER_BYTES + side_len + payload_len]
+    codes = unpack_bits(payload, count, bits).reshape(channels, row_count, width)
+    if bits < 8 and (count * bits) % 8 and (payload[-1] & ((1 << (8 - (count * bits) % 8)) - 1)):
+        raise PacketError("non-zero padding bits after the last code")
+    header = PacketHeader(model_id=model_id, frame_number=frame_number, timestamp_us=ts, channels=channels,
+                          height=height, width=width, row_start=row_start, row_count=row_count, bits=bits,
+                          quant_mode=mode, coding=coding, frame_type=frame_type, version=version)
+    return Packet(header, codes, lo, hi)
+
+
+def compression_ratio(packet_bytes: int, height_px: int, width_px: int) -> float:
+    """The seed's definition: 24 bits per pixel of the RGB input over the packet's bits per pixel."""
+    return 24.0 / bits_per_pixel(packet_bytes, height_px, width_px)
+
+
+def bits_per_pixel(packet_bytes: int, height_px: int, width_px: int) -> float:
+    return packet_bytes * 8 / (height_px * width_px)
+
+
+def payload_compression_ratio(channels: int, bits: int) -> float:
+    """Codes alone (no header): 24 bits per pixel over C*bits per 8x8 block. 24 ch x 6 bit: 10.67."""
+    return 24.0 * 64 / (channels * bits)

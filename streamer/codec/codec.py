@@ -1,0 +1,145 @@
+"""`NeuralCodec`: the encoder, quantizer and decoder of one model, frames in and out.
+
+Frames at this boundary are uint8 NumPy arrays (H, W, 3) in RGB, the form sources produce and
+the screen consumes. Encoder and decoder are plain callables (Tensor -> Tensor) so faster
+backends (torch.compile, int8, TensorRT: `streamer.backends`) can be swapped in.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import FrameSizeError, PacketError
+from . import bitstream, weights
+from .model import CompressiveAutoencoder
+from .presets import STRIDE, get_preset
+from .quantizer import Quantized, Quantizer, QuantizerConfig, dequantize
+
+TensorFn = Callable[[Tensor], Tensor]
+
+
+def to_tensor(frames: np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) or (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]."""
+    a = np.asarray(frames)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise FrameSizeError(f"expected uint8 frames of shape (H, W, 3), got {a.dtype} {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3), rounded."""
+    return x.detach().float().clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class NeuralCodec:
+    def __init__(self, cfg: weights.CodecConfig, model: CompressiveAutoencoder, model_id: int,
+                 name: str = "custom") -> None:
+        self.cfg = cfg
+        self.model = model.eval()
+        self.model_id = model_id
+        self.name = name
+        self.quantizer = Quantizer(cfg.quantizer, cfg.model.latent_channels)
+        self.encoder: TensorFn = self.model.encoder
+        self.decoder: TensorFn = self.model.decoder
+        self.backend = "eager"
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | Path = weights.DEFAULT_NAME) -> "NeuralCodec":
+        cfg, model, mid = weights.load(name_or_path)
+        return cls(cfg, model, mid, name=Path(str(name_or_path)).stem)
+
+    @classmethod
+    def untrained(cls, preset: str = "lite", bits: int = 6, mode: str = "fixed", frame_size: int = 224,
+                  seed: int = 0, **overrides: int) -> "NeuralCodec":
+        """Random weights (for tests and before training); the fixed range is calibrated on noise."""
+        torch.manual_seed(seed)
+        cfg = weights.CodecConfig(preset=preset, model=get_preset(preset, **overrides),
+                                  quantizer=QuantizerConfig(bits=bits, mode=mode), frame_size=frame_size)
+        model = CompressiveAutoencoder(cfg.model).eval()
+        codec = cls(cfg, model, 0, name=f"untrained-{preset}")
+        if mode == "fixed":
+            with torch.inference_mode():
+                codec.quantizer.calibrate(model.encoder(torch.rand(2, 3, 64, 64)), coverage=1.0)
+        state = {k: v for k, v in model.state_dict().items()}
+        codec.model_id = weights.model_id(cfg, state)
+        return codec
+
+    @property
+    def bits(self) -> int:
+        return self.cfg.quantizer.bits
+
+    @property
+    def frame_size(self) -> int:
+        return self.cfg.frame_size
+
+    def check_frame(self, frame: np.ndarray) -> None:
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise FrameSizeError(f"expected a uint8 (H, W, 3) frame, got {frame.dtype} {frame.shape}")
+        self.model.check_size(frame.shape[0], frame.shape[1])
+
+    # -- frames <-> codes ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frame: np.ndarray) -> Quantized:
+        """One uint8 (H, W, 3) frame -> quantized codes (C, H/8, W/8)."""
+        self.check_frame(frame)
+        return self.quantizer.quantize(self.encoder(to_tensor(frame)))[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, frames: np.ndarray) -> list[Quantized]:
+        if frames.ndim != 4:
+            raise FrameSizeError(f"expected (N, H, W, 3) frames, got {frames.shape}")
+        self.model.check_size(frames.shape[1], frames.shape[2])
+        return self.quantizer.quantize(self.encoder(to_tensor(frames)))
+
+    def latents(self, codes: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> Tensor:
+        """Dequantized latents (1, C, H, W); lo/hi default to the model's fixed range."""
+        if lo is None or hi is None:
+            lo, hi = self.quantizer.lo.numpy(), self.quantizer.hi.numpy()
+        return dequantize(codes, lo, hi, self.bits)[None]
+
+    @torch.inference_mode()
+    def decode_latents(self, y: Tensor) -> np.ndarray:
+        return to_uint8(self.decoder(y))[0]
+
+    def decode(self, q: Quantized) -> np.ndarray:
+        """Quantized codes -> uint8 (H, W, 3) frame."""
+        lo, hi = (q.lo, q.hi) if q.mode == "minmax" else (None, None)
+        return self.decode_latents(self.latents(q.codes, lo, hi))
+
+    # -- frames <-> packets --------------------------------------------------------------------
+    def packets(self, frame: np.ndarray, frame_number: int, timestamp_us: int | None = None,
+                max_packet_bytes: int | None = None) -> list[bytes]:
+        """Encode one frame into packets: one, or slices no larger than `max_packet_bytes`."""
+        ts = time.time_ns() // 1000 if timestamp_us is None else timestamp_us
+        return bitstream.pack_frame(self.encode(frame), self.model_id, frame_number, ts, max_packet_bytes)
+
+    def unpack(self, data: bytes) -> bitstream.Packet:
+        """Parse a packet and check it belongs to this model and quantizer (else PacketError)."""
+        p = bitstream.unpack(data, expect_model_id=self.model_id)
+        h = p.header
+        if h.bits != self.bits or h.channels != self.cfg.model.latent_channels:
+            raise PacketError(f"packet has {h.channels} channels x {h.bits} bits; this model makes "
+                              f"{self.cfg.model.latent_channels} x {self.bits}")
+        if h.quant_mode != self.cfg.quantizer.mode:
+            raise PacketError(f"packet quantizer mode {h.quant_mode}, model's is {self.cfg.quantizer.mode}")
+        return p
+
+    def decode_packet(self, data: bytes) -> tuple[bitstream.PacketHeader, np.ndarray]:
+        """A whole-frame packet -> (header, uint8 frame). Sliced frames go through an assembler."""
+        p = self.unpack(data)
+        if not p.header.is_whole_frame:
+            raise PacketError("a slice, not a whole frame: collect slices with a FrameAssembler")
+        return p.header, self.decode_latents(self.latents(p.codes, p.lo, p.hi))
+
+
+def frame_size_ok(height: int, width: int) -> bool:
+    return height > 0 and width > 0 and height % STRIDE == 0 and width % STRIDE == 0
