@@ -1,0 +1,419 @@
+"""The call server: static client files and the room websocket on one port.
+
+In-process use (tests, demos)::
+
+    async with run_server(host="127.0.0.1", port=0, rooms={"demo": "secret"}) as srv:
+        print(srv.join_url("demo"))      # http://127.0.0.1:PORT/?room=demo&token=secret
+
+or, from synchronous code, ``with serve_in_thread(rooms={...}) as srv: ...``.
+The protocol is specified in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol as P
+from .rooms import Peer, Room
+from .static import default_client_dir, serve_file
+
+log = logging.getLogger("server")
+
+JOIN_TIMEOUT_S = 10.0
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+class Refusal(Exception):
+    """A fatal refusal: an error message with `code`, then a close with `close_code`."""
+
+    def __init__(self, code: str, message: str, close_code: int = P.CLOSE_POLICY) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+
+@dataclass
+class ServerConfig:
+    """What a server serves and how much it accepts."""
+
+    rooms: dict[str, str]  # room name → token
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_viewers: int = 64
+    client_dir: Path = field(default_factory=default_client_dir)
+    # Extra origins a browser page may connect from; same-origin pages always may.
+    allowed_origins: Sequence[str] = ()
+
+
+class CallServer:
+    """Routes messages between the peers of each room. One instance per listening server."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.rooms: dict[str, Room] = {
+            name: Room(name, token, config.max_viewers) for name, token in config.rooms.items()}
+        self.port = config.port  # the real port once listening (config may say 0)
+
+    # ---- HTTP ---------------------------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Let websocket upgrades of /ws through; answer every other request with a file."""
+        if urlsplit(request.path).path == P.WS_PATH:
+            return None
+        return serve_file(self.config.client_dir, getattr(request, "method", "GET"), request.path)
+
+    # ---- origins ------------------------------------------------------------------------
+
+    def origin_allowed(self, origin: str | None, host_header: str | None) -> bool:
+        """Python peers send no Origin; a browser must come from a page of this server."""
+        if origin is None:
+            return True
+        if origin in self.config.allowed_origins:
+            return True
+        hosts = set(_LOOPBACK_NAMES)
+        bound = self.config.host
+        if bound not in ("0.0.0.0", "::", ""):
+            hosts.add(f"[{bound}]" if ":" in bound else bound)
+        elif host_header:
+            # Listening on every interface: the page's own host (a LAN address) is same-origin.
+            hosts.add(host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header)
+        return origin in {f"http://{h}:{self.port}" for h in hosts}
+
+    # ---- websocket ----------------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        """One connection: check origin, wait for `join`, then route its messages."""
+        peer: Peer | None = None
+        try:
+            headers = ws.request.headers if ws.request else {}
+            if not self.origin_allowed(headers.get("Origin"), headers.get("Host")):
+                raise Refusal(P.BAD_ORIGIN, f"origin {headers.get('Origin')!r} may not connect "
+                              "to this server (open the page from the server's own URL)")
+            try:
+                first = await asyncio.wait_for(ws.recv(), JOIN_TIMEOUT_S)
+            except asyncio.TimeoutError:  # (not the builtin before 3.11)
+                raise Refusal(P.JOIN_TIMEOUT, f"no join message within {JOIN_TIMEOUT_S:g} s") from None
+            peer = self._join(ws, first)
+            async for message in ws:
+                self._route(peer, message)
+        except Refusal as refusal:
+            await self._refuse(ws, peer, refusal)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug here must not take the server down, only this connection
+            log.exception("connection handler failed")
+            await ws.close(1011, "internal error")
+        finally:
+            if peer is not None:
+                self._leave(peer)
+
+    async def _refuse(self, ws: ServerConnection, peer: Peer | None, refusal: Refusal) -> None:
+        text = json.dumps({"type": "error", "code": refusal.code, "message": refusal.message})
+        log.info("refusing connection: %s: %s", refusal.code, refusal.message)
+        if peer is not None:
+            # Stop the writer so the error is the last message and nothing races the close.
+            peer.outbox.close()
+            if peer.writer:
+                peer.writer.cancel()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(text)
+            await ws.close(refusal.close_code, refusal.code)
+
+    def _join(self, ws: ServerConnection, message: str | bytes) -> Peer:
+        msg = self._parse(message)
+        if msg.get("type") != "join":
+            raise Refusal(P.NOT_JOINED, "the first message must be "
+                          '{"type":"join","room":...,"token":...,"role":...}')
+        room_name, token, role = msg.get("room"), msg.get("token"), msg.get("role")
+        name = msg.get("name", "")
+        if not isinstance(room_name, str) or not isinstance(token, str):
+            raise Refusal(P.BAD_MESSAGE, "join needs string fields room and token")
+        if role not in P.ROLES:
+            raise Refusal(P.BAD_MESSAGE, f"role must be one of {', '.join(P.ROLES)}")
+        if not isinstance(name, str) or len(name) > 64:
+            raise Refusal(P.BAD_MESSAGE, "name must be a string of at most 64 characters")
+        room = self.rooms.get(room_name)
+        if room is None:
+            raise Refusal(P.UNKNOWN_ROOM, f"no room named {room_name[:64]!r} on this server")
+        if not hmac.compare_digest(token.encode(), room.token.encode()):
+            raise Refusal(P.BAD_TOKEN, "wrong token for this room (use the join URL the "
+                          "server printed)")
+        if role == "viewer" and len(room.viewers()) >= room.max_viewers:
+            raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has {room.max_viewers} viewers")
+
+        peer = Peer(ws=ws, room=room, role=role, name=name)
+        if role == "viewer":
+            _limit_send_buffer(ws)
+        if role in ("sender", "receiver") and (old := room.by_role(role)) is not None:
+            # A restarted sender/receiver must get back in at once: the newcomer wins.
+            self._leave(old)
+            old.outbox.close()
+            asyncio.ensure_future(old.ws.close(P.CLOSE_REPLACED, "replaced"))
+            log.info("room %s: %s %s replaced by %s", room.name, role, old.peer_id, peer.peer_id)
+        others = [p.describe() for p in room.peers.values()]
+        room.peers[peer.peer_id] = peer
+        peer.start_writer()
+        peer.send_json({"type": "joined", "peer_id": peer.peer_id, "room": room.name,
+                        "role": role, "peers": others})
+        room.broadcast({"type": "peer_joined", **peer.describe()}, exclude=peer)
+        if role == "viewer":
+            for from_role, stats in room.last_stats.items():  # don't wait a second for numbers
+                peer.outbox.put_latest(f"stats:{from_role}", stats)
+        if role == "sender" and room.camera_owner is not None:
+            peer.send_json({"type": "camera", "on": True, "from": room.camera_owner})
+        log.info("room %s: %s %s joined (%s)", room.name, role, peer.peer_id, name or "-")
+        return peer
+
+    def _leave(self, peer: Peer) -> None:
+        room = peer.room
+        if room.peers.get(peer.peer_id) is not peer:
+            return  # already replaced or removed
+        del room.peers[peer.peer_id]
+        peer.outbox.close()
+        room.broadcast({"type": "peer_left", "peer_id": peer.peer_id, "role": peer.role})
+        if room.camera_owner == peer.peer_id:
+            room.camera_owner = None
+            if (sender := room.by_role("sender")) is not None:
+                sender.send_json({"type": "camera", "on": False, "from": peer.peer_id})
+        log.info("room %s: %s %s left", room.name, peer.role, peer.peer_id)
+
+    def _parse(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, bytes):
+            raise Refusal(P.NOT_JOINED, "join with a JSON text message before sending pictures")
+        if len(message) > P.MAX_TEXT_BYTES:  # chars ≤ bytes: a cheap first check
+            raise Refusal(P.TOO_LARGE, f"control messages are limited to {P.MAX_TEXT_BYTES} "
+                          "bytes", P.CLOSE_TOO_BIG)
+        if len(message.encode()) > P.MAX_TEXT_BYTES:
+            raise Refusal(P.TOO_LARGE, f"control messages are limited to {P.MAX_TEXT_BYTES} "
+                          "bytes", P.CLOSE_TOO_BIG)
+        try:
+            msg = json.loads(message)
+        except ValueError as exc:
+            raise Refusal(P.BAD_JSON, f"not valid JSON: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise Refusal(P.BAD_MESSAGE, 'a control message is a JSON object with a string "type"')
+        return msg
+
+    # ---- routing after join -------------------------------------------------------------
+
+    def _error(self, peer: Peer, code: str, message: str) -> None:
+        """A non-fatal error: the peer stays connected."""
+        peer.send_json({"type": "error", "code": code, "message": message})
+
+    def _route(self, peer: Peer, message: str | bytes) -> None:
+        if peer.room.peers.get(peer.peer_id) is not peer:
+            raise ConnectionClosed(None, None)  # replaced while a message was in flight
+        if isinstance(message, bytes):
+            self._route_picture(peer, message)
+            return
+        try:
+            msg = self._parse(message)
+        except Refusal as refusal:
+            if refusal.code == P.BAD_MESSAGE:  # well-formed JSON of a shape we don't know
+                self._error(peer, refusal.code, refusal.message)
+                return
+            raise
+        kind = msg["type"]
+        room = peer.room
+        if kind == "signal":
+            if peer.role == "viewer":
+                return self._error(peer, P.BAD_MESSAGE, "viewers do not take part in WebRTC "
+                                   "signaling")
+            to, data = msg.get("to"), msg.get("data")
+            if not isinstance(to, str) or not isinstance(data, dict):
+                return self._error(peer, P.BAD_MESSAGE, "signal needs a string to and an "
+                                   "object data")
+            target = room.peers.get(to)
+            if target is None:
+                return self._error(peer, P.UNKNOWN_PEER, f"no peer {to[:16]!r} in this room")
+            target.send_json({"type": "signal", "from": peer.peer_id, "data": data})
+        elif kind == "stats":
+            if peer.role == "viewer":
+                return self._error(peer, P.BAD_MESSAGE, "only the sender and receiver send stats")
+            stats = msg.get("stats")
+            if not isinstance(stats, dict):
+                return self._error(peer, P.BAD_MESSAGE, "stats needs an object stats")
+            text = json.dumps({"type": "stats", "from_role": peer.role, "stats": stats},
+                              separators=(",", ":"))
+            room.last_stats[peer.role] = text
+            for other in room.others(peer):  # viewers and the other call peer
+                other.outbox.put_latest(f"stats:{peer.role}", text)
+        elif kind == "camera":
+            if peer.role != "viewer":
+                return self._error(peer, P.BAD_MESSAGE, "only viewers offer their camera")
+            on = msg.get("on")
+            if not isinstance(on, bool):
+                return self._error(peer, P.BAD_MESSAGE, "camera needs a boolean on")
+            self._camera(peer, on)
+        elif kind == "join":
+            self._error(peer, P.BAD_MESSAGE, "already joined")
+        else:
+            self._error(peer, P.BAD_MESSAGE, f"unknown message type {kind[:32]!r}")
+
+    def _camera(self, peer: Peer, on: bool) -> None:
+        room = peer.room
+        sender = room.by_role("sender")
+        if on:
+            previous = room.camera_owner
+            room.camera_owner = peer.peer_id
+            if previous is not None and previous != peer.peer_id and previous in room.peers:
+                # One camera feeds the call: the latest volunteer takes over.
+                room.peers[previous].send_json({"type": "camera", "on": False,
+                                                "from": peer.peer_id, "reason": "taken over"})
+        elif room.camera_owner == peer.peer_id:
+            room.camera_owner = None
+        else:
+            return
+        if sender is not None:
+            sender.send_json({"type": "camera", "on": on, "from": peer.peer_id})
+
+    def _route_picture(self, peer: Peer, message: bytes) -> None:
+        if len(message) > P.MAX_BINARY_BYTES:
+            raise Refusal(P.TOO_LARGE, f"pictures are limited to {P.MAX_BINARY_BYTES} bytes",
+                          P.CLOSE_TOO_BIG)
+        if len(message) < P.HEADER_SIZE:
+            return self._error_once(peer, "short", P.BAD_MESSAGE, "a binary message starts with "
+                                    f"a {P.HEADER_SIZE}-byte header (kind, frame, timestamp)")
+        kind = message[0]
+        room = peer.room
+        peer.received_frames += 1
+        if kind == P.KIND_DECODED and peer.role == "receiver" or \
+                kind == P.KIND_ORIGINAL and peer.role == "sender":
+            slot = str(kind)
+            for viewer in room.viewers():
+                viewer.outbox.put_latest(slot, message)
+        elif kind == P.KIND_CAMERA and peer.role == "viewer":
+            if room.camera_owner != peer.peer_id:
+                return self._error_once(peer, "camera", P.BAD_MESSAGE, 'send {"type":"camera",'
+                                        '"on":true} before camera frames')
+            if (sender := room.by_role("sender")) is not None:
+                sender.outbox.put_latest(str(kind), message)
+        else:
+            self._error_once(peer, f"kind{kind}", P.BAD_MESSAGE,
+                             f"a {peer.role} may not send pictures of kind {kind}")
+
+    def _error_once(self, peer: Peer, key: str, code: str, message: str) -> None:
+        # Pictures arrive at 30 fps: one error per cause is enough, not one per frame.
+        if key not in peer.warned:
+            peer.warned.add(key)
+            self._error(peer, code, message)
+
+
+VIEWER_SNDBUF = 256 * 1024
+
+
+def _limit_send_buffer(ws: ServerConnection) -> None:
+    """Cap the kernel's send buffer of a viewer socket. Autotuning lets it grow to megabytes,
+    which a stalled viewer would fill with seconds-old pictures; with a small buffer the
+    latest-only slot does the waiting, so a viewer that recovers sees a fresh picture."""
+    sock = ws.transport.get_extra_info("socket") if ws.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SNDBUF)
+
+
+@dataclass
+class RunningServer:
+    """Handle of a listening server (what `run_server` yields)."""
+
+    app: CallServer
+    server: Server
+    host: str
+    port: int
+
+    @property
+    def rooms(self) -> dict[str, Room]:
+        return self.app.rooms
+
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.http_url[4:] + P.WS_PATH
+
+    def join_url(self, room: str) -> str:
+        """The URL a browser opens to watch (and feed) the call in `room`."""
+        token = self.app.rooms[room].token
+        return f"{self.http_url}/?{urlencode({'room': room, 'token': token})}"
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def run_server(host: str = "127.0.0.1", port: int = 0,
+                     rooms: Mapping[str, str] | None = None, *, max_viewers: int = 64,
+                     client_dir: Path | None = None,
+                     allowed_origins: Sequence[str] = ()) -> AsyncIterator[RunningServer]:
+    """Listen on host:port (0 = any free port) until the block exits."""
+    config = ServerConfig(rooms=dict(rooms or {}), host=host, port=port,
+                          max_viewers=max_viewers, allowed_origins=tuple(allowed_origins))
+    if client_dir is not None:
+        config.client_dir = Path(client_dir)
+    if not (config.client_dir / "index.html").is_file():
+        log.warning("no browser client at %s: pages will 404 (pass client_dir / --client-dir)",
+                    config.client_dir)
+    app = CallServer(config)
+    # compression=None: JPEGs don't shrink, and deflate per viewer would cost CPU the call needs.
+    async with serve(app.handler, host, port, process_request=app.process_request,
+                     compression=None, max_size=P.WS_MAX_SIZE, max_queue=64,
+                     close_timeout=3,  # a stalled viewer must not hold up shutdown for long
+                     logger=logging.getLogger("server.ws")) as server:
+        sock = next(iter(server.sockets))
+        app.port = sock.getsockname()[1]
+        yield RunningServer(app=app, server=server, host=host, port=app.port)
+        server.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(host: str = "127.0.0.1", port: int = 0,
+                    rooms: Mapping[str, str] | None = None,
+                    **kwargs: Any) -> Iterator[RunningServer]:
+    """`run_server` on a background event loop, for synchronous callers (browser tests)."""
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        state["stop"] = stop
+        state["loop"] = asyncio.get_running_loop()
+        try:
+            async with run_server(host, port, rooms, **kwargs) as srv:
+                state["srv"] = srv
+                started.set()
+                await stop.wait()
+        except BaseException as exc:  # report start-up failures to the caller
+            state["error"] = exc
+            started.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="call-server",
+                              daemon=True)
+    thread.start()
+    started.wait(30)
+    if "error" in state:
+        raise state["error"]
+    try:
+        yield state["srv"]
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(15)

@@ -1,0 +1,81 @@
+"""Wire constants and helpers of the server protocol (docs/protocol.md, version 1).
+
+Kept free of server state so that test clients and the call's peers can import them: the binary
+picture header, the error codes and which of them end the connection.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+WS_PATH = "/ws"
+
+MAX_TEXT_BYTES = 64 * 1024  # control messages (JSON)
+MAX_BINARY_BYTES = 2 * 1024 * 1024  # one JPEG picture with its header
+# websockets' own limit sits above ours so that we, not the library, answer an oversized message
+# with a `too_large` error before closing.
+WS_MAX_SIZE = MAX_BINARY_BYTES + 64 * 1024
+
+# Binary picture kinds.
+KIND_DECODED = 1  # receiver → viewers
+KIND_ORIGINAL = 2  # sender → viewers
+KIND_CAMERA = 3  # viewer → sender
+
+ROLES = ("sender", "receiver", "viewer")
+
+_HEADER = struct.Struct(">BIQ")
+HEADER_SIZE = _HEADER.size  # 13 bytes
+
+# Close codes.
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_REPLACED = 4000
+
+# Error codes (the `code` field of an error message).
+BAD_TOKEN = "bad_token"
+UNKNOWN_ROOM = "unknown_room"
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+TOO_LARGE = "too_large"
+ROOM_FULL = "room_full"
+BAD_ORIGIN = "bad_origin"
+NOT_JOINED = "not_joined"
+UNKNOWN_PEER = "unknown_peer"  # not fatal: a signal to a peer that is not (or no longer) there
+JOIN_TIMEOUT = "join_timeout"
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The 13-byte header in front of every binary picture."""
+
+    kind: int
+    frame: int
+    timestamp_us: int
+
+
+def now_us() -> int:
+    """Capture timestamps are µs since the Unix epoch, so a browser on the same machine can
+    compare them with Date.now()."""
+    return time.time_ns() // 1000
+
+
+def pack_frame(kind: int, frame: int, jpeg: bytes, timestamp_us: int | None = None) -> bytes:
+    """Build one binary picture message: header + JPEG bytes."""
+    ts = now_us() if timestamp_us is None else timestamp_us
+    return _HEADER.pack(kind, frame & 0xFFFFFFFF, ts & 0xFFFFFFFFFFFFFFFF) + jpeg
+
+
+def unpack_frame(message: bytes) -> tuple[FrameHeader, bytes]:
+    """Split a binary picture message into its header and JPEG payload.
+
+    Raises ValueError when the message is shorter than the header.
+    """
+    if len(message) < HEADER_SIZE:
+        raise ValueError(f"binary message of {len(message)} bytes is shorter than the "
+                         f"{HEADER_SIZE}-byte picture header")
+    kind, frame, ts = _HEADER.unpack_from(message)
+    return FrameHeader(kind, frame, ts), bytes(message[HEADER_SIZE:])

@@ -1,0 +1,138 @@
+"""`make demo` / `python -m streamer.demo`: a whole call on this machine.
+
+Starts the call server, a receiver and a sender (the bundled sample clip by default) as child
+processes, prints the URL to open in a browser, and stops them all cleanly on Ctrl-C (or
+SIGTERM, or after --seconds). Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+ROOM = "demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m streamer.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=8765,
+                    help="server port (default 8765; a free one if that is taken; 0 = any)")
+    ap.add_argument("--source", default="sample",
+                    help="the sender's source: sample (default) | synthetic | webcam | browser | PATH "
+                    "(browser: press 'Send my camera' on the page)")
+    ap.add_argument("--token", default=None, help="room token (default: a random one)")
+    ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    ap.add_argument("--verbose", action="store_true", help="show the sender's and receiver's "
+                    "per-second stats lines")
+    return ap.parse_args(argv)
+
+
+class Demo:
+    """The three child processes and their orderly shutdown."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.token = args.token or secrets.token_urlsafe(12)
+        self.children: list[tuple[str, subprocess.Popen[str]]] = []
+        self.stopping = False
+
+    def spawn(self, name: str, module: str, *argv: str, capture: bool = False) -> subprocess.Popen[str]:
+        # Own session: the terminal's Ctrl-C reaches only us, and we stop the children in order
+        # (sender, receiver, server), so none of them sees its peers vanish first.
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], text=True,
+                                stdout=subprocess.PIPE if capture else None,
+                                start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def start_server(self) -> str:
+        """Start the server and return the join URL it prints."""
+        for port in dict.fromkeys([self.args.port, 0]):  # the asked port, else any free one
+            proc = self.spawn("server", "server", "--port", str(port), "--room", ROOM,
+                              "--token", self.token, capture=True)
+            assert proc.stdout is not None
+            # The server prints its join URL once listening, or exits (EOF) when it cannot.
+            for line in proc.stdout:
+                if line.startswith("join: "):
+                    return line.split(" ", 1)[1].strip()
+            self.children.remove(("server", proc))
+            proc.kill()
+            proc.wait()
+        raise RuntimeError("the call server did not start")
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for _, proc in reversed(self.children):  # sender first, server last
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def run(self) -> int:
+        url = self.start_server()
+        quiet = [] if self.args.verbose else ["--quiet"]
+        common = ["--url", url, "--ice-address", "127.0.0.1", *quiet]
+        self.spawn("receiver", "streamer.receive", *common)
+        self.spawn("sender", "streamer.send", *common, "--source", self.args.source,
+                   "--share-original", "--measure")
+        print(f"\n  Neural video call running. Open this in a browser:\n\n    {url}\n", flush=True)
+        if self.args.source == "browser":
+            print("  Then press 'Send my camera' on the page.\n", flush=True)
+        print("  Ctrl-C stops everything.", flush=True)
+        deadline = time.monotonic() + self.args.seconds if self.args.seconds else None
+        while not self.stopping:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    print(f"demo: the {name} stopped (exit code {proc.returncode}); stopping the "
+                          "rest", file=sys.stderr, flush=True)
+                    self.stop()
+                    return 1
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        self.stop()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    demo = Demo(parse_args(argv))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return demo.run()
+    except KeyboardInterrupt:
+        print("\ndemo: stopping…", flush=True)
+        # Ignore further Ctrl-C while the children shut down, so nothing is left behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        demo.stopping = False
+        demo.stop()
+        return 0
+    except RuntimeError as exc:
+        demo.stop()
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for _, proc in demo.children:  # never leave an orphan behind
+            if proc.poll() is None:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

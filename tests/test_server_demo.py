@@ -1,0 +1,82 @@
+"""`python -m streamer.demo` (what `make demo` runs): server + receiver + sender come up, the
+printed URL shows a live call to a viewer, and Ctrl-C stops everything cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def watch(url: str, seconds: float) -> tuple[dict[int, int], dict[str, dict]]:
+    """Join the printed URL's room as a viewer; count pictures per kind and keep last stats."""
+    parts = urlsplit(url)
+    q = parse_qs(parts.query)
+    ws = await connect(f"ws://{parts.netloc}/ws", compression=None, max_size=2**23)
+    await ws.send(json.dumps({"type": "join", "room": q["room"][0], "token": q["token"][0],
+                              "role": "viewer"}))
+    kinds: dict[int, int] = {}
+    stats: dict[str, dict] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (kinds.get(1, 0) >= 5 and len(stats) == 2):
+        try:
+            m = await asyncio.wait_for(ws.recv(), 1)
+        except asyncio.TimeoutError:
+            continue
+        if isinstance(m, bytes):
+            kinds[m[0]] = kinds.get(m[0], 0) + 1
+        elif (msg := json.loads(m))["type"] == "stats":
+            stats[msg["from_role"]] = msg["stats"]
+    await ws.close()
+    return kinds, stats
+
+
+@pytest.mark.slow
+def test_demo_brings_up_a_viewable_call_and_stops_cleanly() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "streamer.demo", "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    output: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            output.append(line)
+            if "http://127.0.0.1:" in line:
+                url = line.strip()
+        assert url and "room=demo&token=" in url, "".join(output)
+        kinds, stats = asyncio.run(watch(url, 40))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    while not lines.empty():
+        output.append(lines.get())
+    text = "".join(output)
+    assert kinds.get(1, 0) >= 5, (kinds, text)  # decoded pictures at the printed URL
+    assert kinds.get(2, 0) >= 1, (kinds, text)  # and the sender's originals
+    assert set(stats) == {"sender", "receiver"} and stats["receiver"]["fps"] >= 0
+    assert proc.returncode == 0 and "Traceback" not in text, text
+    port = urlsplit(url).port
+    with pytest.raises(OSError):  # the server is gone with the demo
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
