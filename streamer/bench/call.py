@@ -1,0 +1,424 @@
+"""`python -m streamer.bench call`: a live call on loopback, measured.
+
+Starts the call server (`python -m server`), a receiver and a sender (`python -m
+streamer.receive` / `streamer.send`) as three subprocesses on 127.0.0.1 (ICE restricted to
+loopback, no STUN), sends the bundled sample clip for --seconds, and reports from the
+receiver's per-frame log and the programs' summaries:
+
+* delivered fps (frames shown per second), frames sent / shown / concealed / lost / skipped;
+* capture -> display latency p50/p95/p99 (sender's capture timestamp vs receiver's display
+  time, same machine clock), and per minute for long runs (with RSS at start and end);
+* kbps on the data channel, CPU % of each process, the machine's load average;
+* with --loss P: outgoing SCTP packets of the sender are dropped with probability P (at the
+  DTLS transport, below SCTP: see streamer/transport.py) during the first --loss-seconds
+  (default: half the run), then the loss stops; the longest freeze (gap between shown frames)
+  after that moment is reported.
+
+    python -m streamer.bench call --seconds 20 [--loss 0.05] [--transport slices|lifetime] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from streamer.stats import percentile
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_S = 6.0  # model load + join + ICE/DTLS before the first frame, generously
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for_line(log: Path, prefix: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"no '{prefix}' from {log.name}:\n{log.read_text(errors='replace') if log.exists() else ''}")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict[str, Any], seconds: float,
+            loss_end_us: int | None, warmup_s: float = 1.0) -> dict[str, Any]:
+    """Numbers of one run from the receiver's frame log and both summaries."""
+    if not frames:
+        return {"error": "the receiver showed no frames"}
+    t0 = frames[0]["shown"] + int(warmup_s * 1e6)  # skip the first second (ramp-up)
+    t_end = t0 + int((seconds - warmup_s) * 1e6)
+    win = [f for f in frames if t0 <= f["shown"] <= t_end]
+    span = max(1e-6, (min(t_end, frames[-1]["shown"]) - t0) / 1e6)
+    lat = [f["lat"] for f in win]
+    shown_times = [f["shown"] for f in frames]
+    gaps = [(b - a) / 1000 for a, b in zip(shown_times, shown_times[1:])]
+    out: dict[str, Any] = {
+        "delivered_fps": round(len(win) / span, 2),
+        "latency_ms": {k: round(percentile(lat, q) or 0, 1) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "sent": sender.get("sent"), "shown": receiver.get("shown"),
+        "shown_pct": round(100 * receiver.get("shown", 0) / max(1, sender.get("sent", 0)), 1),
+        "assembled_pct": round(100 * (receiver.get("complete", 0) + receiver.get("concealed", 0))
+                               / max(1, sender.get("sent", 0)), 1),
+        "complete": receiver.get("complete"), "concealed": receiver.get("concealed"),
+        "lost": receiver.get("lost"), "skipped_by_decoder": receiver.get("skipped"),
+        "dropped_at_sender": sender.get("dropped"), "capture_dropped": sender.get("capture_dropped"),
+        "bad_packets": receiver.get("bad_packets"), "late_slices": receiver.get("late"),
+        "verified_bit_exact": receiver.get("verified"), "mismatched": receiver.get("mismatched"),
+        "longest_freeze_ms": round(max(gaps, default=0), 1),
+    }
+    hist = [h for h in sender.get("history", []) if h.get("fps", 0) > 0]
+    if hist:
+        out["kbps"] = round(sum(h["kbps"] for h in hist) / len(hist), 1)
+    if loss_end_us is not None:
+        after = [t for t in shown_times if t >= loss_end_us]
+        before = [t for t in shown_times if t < loss_end_us]
+        seq = ([before[-1]] if before else []) + after
+        post = [(b - a) / 1000 for a, b in zip(seq, seq[1:])]
+        out["loss_dropped_packets"] = sender.get("loss_dropped")
+        out["freeze_after_loss_ms"] = round(max(post, default=float("inf")), 1)
+        during = [f for f in frames if f["shown"] < loss_end_us]
+        out["during_loss"] = {"frames": len(during),
+                              "concealed": sum(1 for f in during if not f["complete"])}
+    if seconds >= 120:  # long runs: drift per minute
+        minutes: dict[int, list[float]] = {}
+        for f in frames:
+            minutes.setdefault(int((f["shown"] - frames[0]["shown"]) / 60e6), []).append(f["lat"])
+        out["per_minute"] = [{"minute": m, "frames": len(v), "p50": round(percentile(v, 50) or 0, 1),
+                              "p95": round(percentile(v, 95) or 0, 1)} for m, v in sorted(minutes.items())]
+    for role, summ in (("sender", sender), ("receiver", receiver)):
+        h = summ.get("history", [])
+        if h:
+            out[f"rss_mb_{role}"] = {"start": h[min(2, len(h) - 1)]["rss_mb"], "end": h[-1]["rss_mb"]}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-call-"))
+    token = secrets.token_urlsafe(8)
+    room = "bench"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    cpu: dict[str, float | None] = {}
+    load0 = os.getloadavg()
+    try:
+        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, "--token", token], tmp / "server.log")
+        line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
+        ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
+        common = ["--server", ws, "--room", room, "--token", token, "--ice-address", "127.0.0.1",
+                  "--weights", args.weights, "--backend", args.backend, "--threads", str(args.threads), "--quiet"]
+        if args.rto_min is not None:
+            common += ["--sctp-rto-min", str(args.rto_min)]
+        procs["receiver"] = _spawn(["-m", "streamer.receive", *common, "--frame-log", str(tmp / "frames.jsonl"),
+                                    "--summary", str(tmp / "receiver.json")], tmp / "receiver.log")
+        time.sleep(0.5)
+        loss_s = args.loss_seconds if args.loss_seconds is not None else args.seconds / 2
+        send = ["-m", "streamer.send", *common, "--source", args.source, "--fps", str(args.fps),
+                "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms),
+                "--seconds", str(args.seconds + STARTUP_S), "--summary", str(tmp / "sender.json")]
+        if args.size:
+            send += ["--size", str(args.size)]
+        if args.loss > 0:
+            send += ["--simulate-loss", str(args.loss), "--loss-seconds", str(loss_s)]
+        if args.measure:
+            send.append("--measure")
+        procs["sender"] = _spawn(send, tmp / "sender.log")
+        try:
+            procs["sender"].wait(args.seconds + STARTUP_S + 60)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.5)
+        for name in ("receiver", "server"):
+            cpu[name] = _cpu_seconds(procs[name].pid)
+        for name in ("sender", "receiver", "server"):
+            _stop(procs[name])
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    load1 = os.getloadavg()
+
+    def read_json(name: str) -> dict[str, Any]:
+        try:
+            return json.loads((tmp / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    sender, receiver = read_json("sender.json"), read_json("receiver.json")
+    frames = []
+    if (tmp / "frames.jsonl").exists():
+        frames = [json.loads(l) for l in (tmp / "frames.jsonl").read_text().splitlines() if l.strip()]
+    loss_end_us = sender.get("loss_end_us") if args.loss > 0 else None
+    result = analyse(frames, sender, receiver, args.seconds, loss_end_us)
+    wall = args.seconds + STARTUP_S
+    pct: dict[str, float | None] = {}
+    for name, summ in (("sender", sender), ("receiver", receiver)):
+        pct[name] = round(100 * summ["cpu_s"] / summ["wall_s"], 1) if summ.get("wall_s") else None
+    pct["server"] = round(100 * cpu["server"] / wall, 1) if cpu.get("server") is not None else None
+    result["cpu_pct"] = pct
+    # CPU while frames flow (per-second samples of each program), without start-up and model load
+    for name, summ in (("sender", sender), ("receiver", receiver)):
+        live = [h["cpu"] for h in summ.get("history", []) if h.get("fps", 0) > 0]
+        if live:
+            result.setdefault("cpu_pct_in_call", {})[name] = round(sum(live) / len(live), 1)
+    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
+                        "loss": args.loss, "loss_seconds": loss_s if args.loss > 0 else 0, "weights": args.weights,
+                        "backend": args.backend, "threads": args.threads, "rto_min": args.rto_min,
+                        "model": sender.get("model")}
+    result["machine"] = {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load0],
+                         "loadavg_end": [round(x, 2) for x in load1]}
+    result["logs"] = str(tmp)
+    if not frames:
+        for name in ("sender.log", "receiver.log"):
+            p = tmp / name
+            if p.exists():
+                result[name] = p.read_text(errors="replace")[-2000:]
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"call bench failed: {r['error']}\n" + "\n".join(r.get(k, "") for k in ("sender.log", "receiver.log"))
+    c, lat = r["config"], r["latency_ms"]
+    lines = [
+        f"call bench: {c['seconds']:g} s, {c['source']} at {c['fps']:g} fps, {c['transport']} transport, "
+        f"loss {c['loss']:g}" + (f" for {c['loss_seconds']:g} s" if c["loss"] else "")
+        + f", model {c.get('model') or c['weights']}, backend {c['backend']}",
+        f"  delivered  {r['delivered_fps']:.1f} fps   latency p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  "
+        f"p99 {lat['p99']:.0f} ms   {r.get('kbps', 0):.0f} kbps",
+        f"  frames     sent {r['sent']}  shown {r['shown']} ({r['shown_pct']}%)  assembled {r['assembled_pct']}%  "
+        f"complete {r['complete']}  concealed {r['concealed']}  lost {r['lost']}  skipped {r['skipped_by_decoder']}  "
+        f"dropped@sender {r['dropped_at_sender']}",
+        f"  integrity  bit-exact {r['verified_bit_exact']}  mismatched {r['mismatched']}  bad packets {r['bad_packets']}"
+        f"  late slices {r['late_slices']}  longest freeze {r['longest_freeze_ms']:.0f} ms",
+    ]
+    if "freeze_after_loss_ms" in r:
+        lines.append(f"  loss       {r['loss_dropped_packets']} packets dropped; longest freeze after loss stopped "
+                     f"{r['freeze_after_loss_ms']:.0f} ms; during loss {r['during_loss']}")
+    in_call = "  ".join(f"{k} {v}%" for k, v in r.get("cpu_pct_in_call", {}).items())
+    lines.append("  cpu        " + "  ".join(f"{k} {v}%" for k, v in r["cpu_pct"].items())
+                 + f"  (while frames flow: {in_call})"
+                 + f"   (load avg {r['machine']['loadavg_start'][0]} -> {r['machine']['loadavg_end'][0]} "
+                 f"on {r['machine']['cpus']} cpus)")
+    for role in ("sender", "receiver"):
+        if f"rss_mb_{role}" in r:
+            lines.append(f"  rss {role:8s} {r[f'rss_mb_{role}']['start']} -> {r[f'rss_mb_{role}']['end']} MB")
+    for m in r.get("per_minute", []):
+        lines.append(f"  minute {m['minute']:2d}  {m['frames']} frames  p50 {m['p50']} ms  p95 {m['p95']} ms")
+    lines.append(f"  logs       {r['logs']}")
+    return "\n".join(lines)
+
+
+# -- transport only: the two channel designs compared without the codec's CPU load -----------
+
+async def _loopback_pair(cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """Two peer connections in this process, offer/answer handed over directly, ICE on 127.0.0.1."""
+    from streamer import transport as T
+
+    a, b = T.create_peer_connection(), T.create_peer_connection()
+    latents, _meta = T.create_channels(a, cfg)
+    received: list[Any] = []
+    opened = asyncio.Event()
+    b.on("datachannel", lambda ch: ch.label == T.LATENT_LABEL and ch.on("message", received.append))
+    latents.on("open", opened.set)
+    offer = await T.make_offer(a, ["127.0.0.1"])
+    answer = await T.accept_offer(b, offer, ["127.0.0.1"])
+    await T.accept_answer(a, answer, ["127.0.0.1"])
+    await asyncio.wait_for(opened.wait(), 30)
+    return a, b, latents, received
+
+
+async def _transport_run(mode: str, args: argparse.Namespace, packets_of: Any, codec: Any) -> dict[str, Any]:
+    """Send pre-encoded frames of the sample clip at --fps for --seconds over one design; the
+    receiving side only reassembles (no decode). Latency here is send -> frame assembled."""
+    from streamer import transport as T
+    from streamer.assembler import FrameAssembler
+
+    cfg = T.TransportConfig(mode, args.lifetime_ms)
+    a, b, channel, received = await _loopback_pair(cfg)
+    asm = FrameAssembler(codec)
+    ready: list[tuple[int, int, bool]] = []  # (frame, assembled µs, complete)
+    sent_at: dict[int, int] = {}
+    sender = T.ChannelSender(channel, cfg.buffer_threshold)
+    inj = T.LossInjector(a, args.loss, seed=1) if args.loss > 0 else None
+    t3 = [0]  # SCTP retransmission timer expiries at the sender (each one resets cwnd to 1 MTU)
+    sctp = a.sctp
+    t3_orig = sctp._t3_expired
+
+    def t3_count() -> None:
+        t3[0] += 1
+        t3_orig()
+    sctp._t3_expired = t3_count
+    loss_s = args.loss_seconds if args.loss_seconds is not None else args.seconds / 2
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    loss_end_us = None
+    n = 0
+    period = 1.0 / args.fps
+    next_t = t0
+    taken = 0
+
+    def drain() -> None:
+        nonlocal taken
+        now = time.time_ns() // 1000
+        while taken < len(received):
+            for f in asm.add(received[taken]):
+                ready.append((f.frame_number, now, f.complete))
+            taken += 1
+        for f in asm.poll():
+            ready.append((f.frame_number, now, f.complete))
+
+    while loop.time() - t0 < args.seconds:
+        if inj is not None and loss_end_us is None and loop.time() - t0 >= loss_s:
+            inj.p = 0.0
+            loss_end_us = time.time_ns() // 1000
+        ts = time.time_ns() // 1000
+        if sender.send_frame(packets_of(n, ts, cfg.max_packet_bytes)):
+            sent_at[n] = ts
+            n += 1
+        next_t += period
+        while loop.time() < next_t:  # poll the receiving side at 1 ms, like a busy event loop would
+            drain()
+            await asyncio.sleep(0.001)
+    await asyncio.sleep(0.3)
+    drain()
+    await a.close()
+    await b.close()
+    lat = [(t - sent_at[f]) / 1000 for f, t, _ in ready if f in sent_at]
+    times = [t for _, t, _ in ready]
+    gaps = [(y - x) / 1000 for x, y in zip(times, times[1:])]
+    out: dict[str, Any] = {
+        "transport": mode, "loss": args.loss, "sent": n, "dropped_at_sender": sender.frames_dropped,
+        "frames_ready": len(ready), "ready_pct": round(100 * len(ready) / max(1, n), 1),
+        "complete_pct": round(100 * sum(1 for r in ready if r[2]) / max(1, n), 1),
+        "latency_ms": {k: round(percentile(lat, q) or 0, 2) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "longest_freeze_ms": round(max(gaps, default=0), 1),
+        "packets_dropped": inj.dropped if inj else 0, "t3_expiries": t3[0],
+    }
+    if loss_end_us is not None:
+        seq = [t for t in times if t < loss_end_us][-1:] + [t for t in times if t >= loss_end_us]
+        out["freeze_after_loss_ms"] = round(max(((y - x) / 1000 for x, y in zip(seq, seq[1:])), default=0), 1)
+        out["freeze_during_loss_ms"] = round(max(((y - x) / 1000 for x, y in zip(times, times[1:])
+                                                   if y < loss_end_us), default=0), 1)
+    return out
+
+
+def transport_only(args: argparse.Namespace) -> dict[str, Any]:
+    from streamer import transport as T
+    from streamer.codec import bitstream
+    from streamer.sources import open_source
+
+    codec = T.load_codec(args.weights, "eager", args.threads)
+    T.tune_sctp(args.rto_min if args.rto_min is not None else T.DEFAULT_RTO_MIN_S)
+    src = open_source(args.source, args.size or codec.frame_size, 1000.0, quiet=True)
+    frames = []
+
+    async def grab() -> None:
+        src.start()
+        while len(frames) < 30:
+            frames.append(codec.encode((await src.frame()).image))
+    asyncio.run(grab())
+    src.close()
+
+    def packets_of(n: int, ts: int, max_bytes: int | None) -> list[bytes]:
+        return bitstream.pack_frame(frames[n % len(frames)], codec.model_id, n, ts, max_bytes)
+
+    modes = ["slices", "lifetime"] if args.transport == "both" else [args.transport]
+    runs = [asyncio.run(_transport_run(m, args, packets_of, codec)) for m in modes]
+    return {"transport_only": runs, "config": {"seconds": args.seconds, "fps": args.fps, "loss": args.loss,
+                                               "rto_min": args.rto_min, "lifetime_ms": args.lifetime_ms},
+            "machine": {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}}
+
+
+def report_transport(r: dict[str, Any]) -> str:
+    lines = [f"transport only (one process, no decode): {r['config']['seconds']:g} s at {r['config']['fps']:g} fps, "
+             f"loss {r['config']['loss']:g}; load avg {r['machine']['loadavg'][0]} on {r['machine']['cpus']} cpus"]
+    for x in r["transport_only"]:
+        lat = x["latency_ms"]
+        line = (f"  {x['transport']:8s} ready {x['ready_pct']:5.1f}%  complete {x['complete_pct']:5.1f}%  "
+                f"send->assembled p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f} ms  "
+                f"longest freeze {x['longest_freeze_ms']:.0f} ms  dropped@sender {x['dropped_at_sender']}  T3 {x['t3_expiries']}")
+        if "freeze_after_loss_ms" in x:
+            line += f"  freeze during/after loss {x['freeze_during_loss_ms']:.0f}/{x['freeze_after_loss_ms']:.0f} ms"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m streamer.bench call", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--loss", type=float, default=0.0, help="drop outgoing SCTP packets with this probability")
+    ap.add_argument("--loss-seconds", type=float, default=None, help="loss lasts this long (default: half the run)")
+    ap.add_argument("--transport", choices=("slices", "lifetime", "both"), default="slices",
+                    help="channel design (both: only with --transport-only)")
+    ap.add_argument("--transport-only", action="store_true",
+                    help="compare the channel designs without the codec: pre-encoded frames, no decode, one process")
+    ap.add_argument("--lifetime-ms", type=int, default=100)
+    ap.add_argument("--source", default="sample")
+    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--size", type=int, default=0)
+    ap.add_argument("--weights", default="default")
+    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--measure", action="store_true", help="the sender also decodes and reports PSNR")
+    ap.add_argument("--rto-min", type=float, default=None, help="SCTP minimum RTO in seconds (aiortc: 1)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.transport_only:
+        r = transport_only(args)
+        print(json.dumps(r) if args.json else report_transport(r))
+        return 0
+    if args.transport == "both":
+        print("call bench: --transport both needs --transport-only", file=sys.stderr)
+        return 2
+    try:
+        r = run(args)
+    except RuntimeError as e:
+        print(f"call bench: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(r) if args.json else report(r))
+    return 0 if "error" not in r else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,351 @@
+"""`python -m streamer.receive`: the receiving end of a call.
+
+Joins a room on the call server, answers the sender's WebRTC offer, reassembles latent slices
+into frames (concealing lost rows with the previous frame's latents), decodes the newest frame
+in a worker thread, and shows it: records it (`--record out.mp4`) and publishes it as JPEG
+(kind 1, latest only, at most --fps) to the room's browser viewers. Prints one stats line a
+second and sends the same numbers to viewers.
+
+    python -m streamer.receive --url 'http://127.0.0.1:8765/?room=demo&token=...' --ice-address 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import json
+import signal
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+
+from . import transport as T
+from .assembler import DEFAULT_DEADLINE_S, AssembledFrame, FrameAssembler
+from .codec import NeuralCodec
+from .errors import StreamerError
+from .record import Recorder
+from .signaling import KIND_DECODED, Picture, Signaling, SignalingError, resolve_server
+from .sources import now_us
+from .stats import CallStats, FrameLog, percentile
+
+STARTED = time.monotonic()
+
+
+def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Receiver:
+    def __init__(self, codec: NeuralCodec, sig: Signaling, *, ice_addresses: list[str] | None = None,
+                 stun: list[str] = (), recorder: Recorder | None = None, fps: float = 30.0,
+                 frame_log: FrameLog | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
+                 quiet: bool = False) -> None:
+        self.codec, self.sig = codec, sig
+        self.ice, self.stun = ice_addresses, list(stun)
+        self.recorder, self.fps, self.quiet = recorder, fps, quiet
+        self.frame_log = frame_log or FrameLog(None)
+        self.assembler = FrameAssembler(codec, deadline_s)
+        self.stats = CallStats("recv")
+        self.pc = None
+        self.sender_id: str | None = None
+        self._slot: AssembledFrame | None = None  # newest frame waiting for the decoder
+        self._wake = asyncio.Event()
+        self._poll_handle: asyncio.TimerHandle | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self._last_shown = -1
+        self._last_publish = 0.0
+        self._shown: OrderedDict[int, int] = OrderedDict()  # frame -> crc of complete shown frames
+        self._meta: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._psnr: list[float] = []
+        self._decode_ms: list[float] = []
+        self.latencies: list[float] = []  # every shown frame, ms (the bench's percentiles)
+        self.shown = 0
+        self.verified = 0
+        self.mismatched = 0
+        self.calls = 0
+
+    # -- peer connection -------------------------------------------------------------------
+    async def on_offer(self, sender_id: str, offer: dict[str, Any]) -> None:
+        await self.close_call()
+        self.sender_id = sender_id
+        self.calls += 1
+        pc = self.pc = T.create_peer_connection(self.stun)
+        self.assembler.reset()
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "failed" and pc is self.pc:  # the sender will offer again
+                await self.close_call()
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            handler = self.on_packet if channel.label == T.LATENT_LABEL else self.on_meta
+            channel.on("message", handler)
+
+        try:
+            answer = await T.accept_offer(pc, offer, self.ice)
+        except Exception as e:  # noqa: BLE001 - a bad offer must not end the receiver
+            print(f"receive: could not answer the sender's offer: {e}", file=sys.stderr)
+            return
+        await self.sig.signal(sender_id, answer)
+
+    async def close_call(self) -> None:
+        pc, self.pc = self.pc, None
+        if pc is not None:
+            await pc.close()
+
+    # -- packets -> frames -----------------------------------------------------------------
+    def on_packet(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            self.assembler.n.bad_packets += 1
+            return
+        for frame in self.assembler.add(data):
+            self.offer_frame(frame)
+        self._arm_poll()
+
+    def _arm_poll(self) -> None:
+        deadline = self.assembler.next_deadline()
+        if deadline is not None and self._poll_handle is None:
+            self._poll_handle = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - time.monotonic()) + 0.001, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        for frame in self.assembler.poll():
+            self.offer_frame(frame)
+        self._arm_poll()
+
+    def offer_frame(self, frame: AssembledFrame) -> None:
+        """Latest-only hand-over to the decoder: an undecoded older frame is skipped."""
+        if self._slot is not None:
+            self.stats.count("skipped")
+        self._slot = frame
+        self._wake.set()
+
+    def on_meta(self, data: bytes | str) -> None:
+        try:
+            m = json.loads(data)
+            n = int(m["f"])
+        except (ValueError, TypeError, KeyError):
+            return
+        entry = self._meta.setdefault(n, {})
+        entry.update({k: v for k, v in m.items() if k in ("crc", "psnr")})
+        while len(self._meta) > 512:
+            self._meta.popitem(last=False)
+        self._match(n)
+
+    def _match(self, n: int) -> None:
+        """Compare a shown complete frame's codes CRC with the sender's, once both are known."""
+        meta, crc = self._meta.get(n), self._shown.get(n)
+        if meta is None or crc is None or "crc" not in meta:
+            return
+        if "ok" not in meta:
+            meta["ok"] = meta["crc"] == crc
+            if meta["ok"]:
+                self.verified += 1
+            else:
+                self.mismatched += 1
+        if meta["ok"] and "psnr" in meta and not meta.get("psnr_used"):
+            meta["psnr_used"] = True  # the sender's local decode is ours, bit for bit
+            self._psnr.append(float(meta["psnr"]))
+
+    # -- decode and show -------------------------------------------------------------------
+    async def decode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            frame, self._slot = self._slot, None
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            image = await loop.run_in_executor(self._pool, self._decode, frame)
+            self._decode_ms.append((time.perf_counter() - t0) * 1000)
+            self.show(frame, image)
+
+    def _decode(self, frame: AssembledFrame) -> np.ndarray:
+        return self.codec.decode_latents(frame.latents(self.codec))
+
+    def show(self, frame: AssembledFrame, image: np.ndarray) -> None:
+        shown_us = now_us()
+        latency = (shown_us - frame.timestamp_us) / 1000
+        self.shown += 1
+        self.stats.count("frames")
+        self.stats.add_latency(latency)
+        self.latencies.append(latency)
+        if frame.complete:
+            self._shown[frame.frame_number] = frame.crc()
+            while len(self._shown) > 512:
+                self._shown.popitem(last=False)
+            self._match(frame.frame_number)
+        self.frame_log.write({"f": frame.frame_number, "cap": frame.timestamp_us, "shown": shown_us,
+                              "lat": round(latency, 2), "complete": frame.complete,
+                              "rows": frame.rows_received})
+        if self.recorder is not None:
+            self.recorder.write(image, frame.timestamp_us)
+        now = time.monotonic()
+        if self._has_viewers() and now - self._last_publish >= 1.0 / self.fps:
+            self._last_publish = now
+            fut = asyncio.get_running_loop().run_in_executor(None, jpeg, image)
+            n, ts = frame.frame_number, frame.timestamp_us
+
+            def publish(f: "asyncio.Future[bytes]") -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.sig.offer_picture(KIND_DECODED, n, ts, f.result())
+            fut.add_done_callback(publish)
+
+    def _has_viewers(self) -> bool:
+        return any(p.get("role") == "viewer" for p in self.sig.peers)
+
+    # -- stats -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        n = self.assembler.n
+        self.stats.totals["bytes"] = n.bytes
+        for key in ("lost", "concealed", "bad_packets", "foreign", "late"):
+            self.stats.totals[key] = getattr(n, key)
+        self.stats.totals["verified"] = self.verified
+        self.stats.totals["mismatched"] = self.mismatched
+        self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
+        self.stats.values["decode_ms"] = round(sum(self._decode_ms) / len(self._decode_ms), 1) if self._decode_ms else None
+        self._psnr, self._decode_ms = [], []
+        return self.stats.tick()
+
+    async def stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            snap = self.snapshot()
+            if not self.quiet:
+                print(self.stats.line(snap), flush=True)
+            await self.sig.send_stats(snap)
+
+    # -- signaling -------------------------------------------------------------------------
+    async def signaling_loop(self) -> None:
+        async for msg in self.sig.messages():
+            if isinstance(msg, Picture):
+                continue
+            t = msg.get("type")
+            if t == "signal" and isinstance(msg.get("data"), dict):
+                data = msg["data"]
+                if data.get("type") == "offer" and "sdp" in data:
+                    await self.on_offer(str(msg.get("from")), data)
+                elif data.get("type") == "bye" and msg.get("from") == self.sender_id:
+                    await self.close_call()
+            elif t == "peer_left" and msg.get("peer_id") == self.sender_id:
+                await self.close_call()
+            elif t == "error" and not self.quiet:
+                print(f"receive: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.ensure_future(c) for c in (self.signaling_loop(), self.decode_loop(), self.stats_loop())]
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([tasks[0], stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks + [stopper]:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await self.close_call()
+            self._pool.shutdown(wait=True)
+
+    def summary(self) -> dict[str, Any]:
+        n = self.assembler.n
+        lat = self.latencies
+        return {"role": "receiver", "shown": self.shown, "complete": n.complete, "concealed": n.concealed,
+                "lost": n.lost, "bad_packets": n.bad_packets, "foreign": n.foreign, "late": n.late,
+                "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
+                "mismatched": self.mismatched, "bytes": n.bytes, "calls": self.calls,
+                "latency_ms": {q: round(percentile(lat, int(q[1:])) or 0, 1) for q in ("p50", "p95", "p99")},
+                "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
+                "history": list(self.stats.history)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m streamer.receive", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    T.add_common_args(ap)
+    ap.add_argument("--record", metavar="PATH", help="record the shown pictures (H.264 or MPEG-4, by PyAV)")
+    ap.add_argument("--fps", type=float, default=30.0, help="most pictures per second published to viewers")
+    ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
+                    help="show a frame with missing slices (concealed) this long after its first slice")
+    ap.add_argument("--frame-log", metavar="PATH", help="one JSON line per shown frame (for the bench)")
+    return ap.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
+                on_start: Callable[[Receiver], None] | None = None) -> Receiver:
+    """Run a receiver until `stop`, --seconds, or the server closes; returns it (counters).
+    `on_start` gets the Receiver once it exists (tests reach in through it)."""
+    stop = stop or asyncio.Event()
+    server, room, token = resolve_server(args.server, args.room, args.token, args.url)
+    # the event loop shares the GIL with the codec thread: hand it over within 1 ms, not 5
+    sys.setswitchinterval(0.001)
+    ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
+    T.tune_sctp(args.sctp_rto_min)
+    codec = T.load_codec(args.weights, args.backend, args.threads)
+    sig = Signaling(server, room, token, "receiver", name="streamer.receive")
+    await sig.connect()
+    recorder = Recorder(args.record, args.fps) if args.record else None
+    rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
+                  frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=args.quiet)
+    if not args.quiet:
+        print(f"receive: joined room {room!r} at {server} as {sig.peer_id}; waiting for a sender", flush=True)
+    if on_start is not None:
+        on_start(rx)
+    if args.seconds:
+        asyncio.get_running_loop().call_later(args.seconds, stop.set)
+    try:
+        await rx.run(stop)
+    finally:
+        await sig.close()
+        if recorder is not None:
+            recorder.close()
+            if not args.quiet:
+                print(f"receive: recorded {recorder.written} frames to {args.record} ({recorder.codec_name})"
+                      + (f"; {recorder.error}" if recorder.error else ""), flush=True)
+        rx.frame_log.close()
+    if sig.closed_reason and not stop.is_set():
+        print(f"receive: {sig.closed_reason}", file=sys.stderr)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(rx.summary(), f)
+    return rx
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(s, stop.set)
+        await amain(args, stop)
+
+    try:
+        asyncio.run(run())
+    except SignalingError as e:
+        print(f"receive: {e}", file=sys.stderr)
+        return 2
+    except StreamerError as e:
+        print(f"receive: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""`python -m streamer.send`: the sending end of a call.
+
+Captures frames (webcam, a file, the bundled sample clip, a synthetic pattern, or a browser
+viewer's camera), encodes the newest one when the data channel has drained, and sends its
+quantized latents to the receiver over WebRTC. Per frame a small side message on a second
+channel ("meta") carries the CRC32 of the codes (the receiver proves its latents bit-exact) and,
+with --measure, the PSNR of the sender's own decode of the same codes (which is what the
+receiver shows for a complete frame). Prints one stats line a second.
+
+    python -m streamer.send --url 'http://127.0.0.1:8765/?room=demo&token=...' --source sample \\
+        --ice-address 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import transport as T
+from .assembler import codes_crc
+from .codec import NeuralCodec, bitstream
+from .errors import StreamerError
+from .metrics import psnr
+from .receive import jpeg
+from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, SignalingError, resolve_server
+from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
+from .stats import CallStats
+
+STARTED = time.monotonic()
+
+
+class Sender:
+    def __init__(self, codec: NeuralCodec, source: FrameSource, sig: Signaling, cfg: T.TransportConfig, *,
+                 ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
+                 share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
+                 quiet: bool = False) -> None:
+        self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
+        self.ice, self.stun = ice_addresses, list(stun)
+        self.measure, self.share_original, self.quiet = measure, share_original, quiet
+        self.loss, self.loss_seconds = loss, loss_seconds
+        self.stats = CallStats("send")
+        self.pc = None
+        self.receiver_id: str | None = None
+        self.channel: T.ChannelSender | None = None
+        self.meta = None
+        self.injector: T.LossInjector | None = None
+        self.frame_number = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self._measure_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="measure")
+        self._measuring = False
+        self._last_original = 0.0
+        self._encode_ms: list[float] = []
+        self._psnr: list[float] = []
+        self.peer_stats: dict[str, Any] = {}
+        self.open_time: float | None = None
+        self.loss_end_us: int | None = None
+
+    # -- peer connection -------------------------------------------------------------------
+    async def start_call(self, receiver_id: str) -> None:
+        await self.close_call()
+        self.receiver_id = receiver_id
+        pc = self.pc = T.create_peer_connection(self.stun)
+        latents, meta = T.create_channels(pc, self.cfg)
+        self.channel, self.meta = T.ChannelSender(latents, self.cfg.buffer_threshold), meta
+
+        @latents.on("open")
+        def on_open() -> None:
+            self.open_time = time.monotonic()
+            if self.loss > 0:
+                self.injector = T.LossInjector(pc, self.loss)
+                if self.loss_seconds > 0:
+                    asyncio.get_running_loop().call_later(self.loss_seconds, self._end_loss)
+            if not self.quiet:
+                print(f"send: call open with receiver {receiver_id} ({self.cfg.mode})", flush=True)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "failed" and pc is self.pc:
+                print("send: the peer connection failed; offering again", file=sys.stderr)
+                await asyncio.sleep(1.0)
+                if pc is self.pc and self.sig.peer_with_role("receiver") == receiver_id:
+                    await self.start_call(receiver_id)
+
+        offer = await T.make_offer(pc, self.ice)
+        await self.sig.signal(receiver_id, offer)
+
+    def _end_loss(self) -> None:
+        if self.injector is not None:
+            self.injector.p = 0.0
+            self.loss_end_us = time.time_ns() // 1000
+            if not self.quiet:
+                print("send: simulated loss ended", flush=True)
+
+    async def close_call(self) -> None:
+        pc, self.pc, self.channel, self.meta = self.pc, None, None, None
+        if pc is not None:
+            await pc.close()
+
+    # -- frames ----------------------------------------------------------------------------
+    def _encode(self, cap: CapturedFrame, number: int) -> tuple[list[bytes], Any, float]:
+        t0 = time.perf_counter()
+        q = self.codec.encode(cap.image)
+        packets = bitstream.pack_frame(q, self.codec.model_id, number, cap.timestamp_us, self.cfg.max_packet_bytes)
+        return packets, q, (time.perf_counter() - t0) * 1000
+
+    async def capture_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            cap = await self.source.frame()
+            ch = self.channel
+            if ch is None or ch.channel.readyState != "open":
+                continue  # no call yet: nothing to drop, nobody is waiting
+            if not ch.ready:  # the previous frame has not left yet: drop this one, never queue
+                self.stats.count("dropped")
+                continue
+            number = self.frame_number
+            packets, q, ms = await loop.run_in_executor(self._pool, self._encode, cap, number)
+            self._encode_ms.append(ms)
+            if ch is not self.channel or not ch.send_frame(packets):
+                self.stats.count("dropped")
+                continue
+            self.frame_number += 1
+            self.stats.count("frames")
+            self.stats.count("bytes", sum(len(p) for p in packets))
+            self._send_meta({"f": number, "crc": codes_crc(q.codes)})
+            if self.measure and not self._measuring:  # latest-only: skip while one is running
+                self._measuring = True
+                fut = loop.run_in_executor(self._measure_pool, self._local_psnr, cap.image, q)
+                fut.add_done_callback(lambda f, n=number: self._measured(n, f))
+            self._share(cap, number)
+
+    def _local_psnr(self, image: np.ndarray, q: Any) -> float:
+        return psnr(image, self.codec.decode(q))
+
+    def _measured(self, number: int, fut: "asyncio.Future[float]") -> None:
+        self._measuring = False
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._psnr.append(fut.result())
+        self._send_meta({"f": number, "psnr": round(fut.result(), 3)})
+
+    def _send_meta(self, m: dict[str, Any]) -> None:
+        meta = self.meta
+        if meta is not None and meta.readyState == "open":
+            with contextlib.suppress(Exception):
+                meta.send(json.dumps(m, separators=(",", ":")))
+
+    def _share(self, cap: CapturedFrame, number: int) -> None:
+        now = time.monotonic()
+        if not self.share_original or now - self._last_original < 1.0 / self.source.fps:
+            return
+        if not any(p.get("role") == "viewer" for p in self.sig.peers):
+            return
+        self._last_original = now
+        fut = asyncio.get_running_loop().run_in_executor(None, jpeg, cap.image)
+
+        def done(f: "asyncio.Future[bytes]") -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.sig.offer_picture(KIND_ORIGINAL, number, cap.timestamp_us, f.result())
+        fut.add_done_callback(done)
+
+    # -- stats -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        self.stats.totals["dropped"] = self.stats.totals.get("dropped", 0)
+        self.stats.totals["capture_dropped"] = self.source.dropped
+        self.stats.values["encode_ms"] = round(sum(self._encode_ms) / len(self._encode_ms), 1) if self._encode_ms else None
+        self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
+        if self.injector is not None:
+            self.stats.values["loss_dropped"] = self.injector.dropped
+        self._encode_ms, self._psnr = [], []
+        return self.stats.tick()
+
+    async def stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            snap = self.snapshot()
+            if not self.quiet:
+                line = self.stats.line(snap)
+                rx = self.peer_stats
+                if rx and "latency_ms" in rx:
+                    line += f" || recv {rx.get('fps', 0):.1f} fps lat {rx['latency_ms']['p50']:.0f} ms"
+                print(line, flush=True)
+            await self.sig.send_stats(snap)
+
+    # -- signaling -------------------------------------------------------------------------
+    async def signaling_loop(self) -> None:
+        if (rid := self.sig.peer_with_role("receiver")) is not None:
+            await self.start_call(rid)
+        elif not self.quiet:
+            print("send: waiting for a receiver to join", flush=True)
+        async for msg in self.sig.messages():
+            if isinstance(msg, Picture):
+                if msg.kind == KIND_CAMERA and isinstance(self.source, BrowserSource):
+                    self.source.push_jpeg(msg.jpeg, msg.timestamp_us)
+                continue
+            t = msg.get("type")
+            if t == "peer_joined" and msg.get("role") == "receiver":
+                await self.start_call(str(msg.get("peer_id")))
+            elif t == "peer_left" and msg.get("peer_id") == self.receiver_id:
+                await self.close_call()
+            elif t == "signal" and msg.get("from") == self.receiver_id and self.pc is not None:
+                data = msg.get("data")
+                if isinstance(data, dict) and data.get("type") == "answer" and "sdp" in data:
+                    try:
+                        await T.accept_answer(self.pc, data, self.ice)
+                    except Exception as e:  # noqa: BLE001 - a bad answer: wait for the next call
+                        print(f"send: bad answer from the receiver: {e}", file=sys.stderr)
+            elif t == "stats" and msg.get("from_role") == "receiver":
+                self.peer_stats = msg.get("stats") or {}
+            elif t == "camera" and not self.quiet:
+                on = msg.get("on")
+                note = "" if isinstance(self.source, BrowserSource) else " (ignored: not --source browser)"
+                print(f"send: a viewer turned its camera {'on' if on else 'off'}{note}", flush=True)
+            elif t == "error" and not self.quiet:
+                print(f"send: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.source.start()
+        tasks = [asyncio.ensure_future(c) for c in (self.signaling_loop(), self.capture_loop(), self.stats_loop())]
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait([tasks[0], tasks[1], stopper], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # e.g. SourceError from the capture thread
+        finally:
+            for t in tasks + [stopper]:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self.receiver_id and self.pc is not None:
+                await self.sig.signal(self.receiver_id, {"type": "bye"})
+            await self.close_call()
+            self.source.close()
+            self._pool.shutdown(wait=True)
+            self._measure_pool.shutdown(wait=True)
+
+    def summary(self) -> dict[str, Any]:
+        return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),
+                "captured": self.source.captured, "capture_dropped": self.source.dropped,
+                "loss_dropped": self.injector.dropped if self.injector else 0, "loss_end_us": self.loss_end_us,
+                "model": f"{self.codec.name} {self.codec.model_id:08x}", "transport": self.cfg.mode,
+                "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
+                "history": list(self.stats.history)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m streamer.send", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    T.add_common_args(ap)
+    ap.add_argument("--source", default="auto",
+                    help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | browser | PATH")
+    ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
+    ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own)")
+    ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
+                    help="slices: one-chunk slices, no retransmission (default); lifetime: whole frames "
+                    "with a packet lifetime")
+    ap.add_argument("--lifetime-ms", type=int, default=T.DEFAULT_LIFETIME_MS, help="packet lifetime (lifetime transport)")
+    ap.add_argument("--measure", action="store_true",
+                    help="decode our own codes and send the PSNR per frame (costs a decode per measured frame)")
+    ap.add_argument("--share-original", action="store_true", help="show viewers the original picture too (kind 2)")
+    ap.add_argument("--simulate-loss", type=float, default=0.0, metavar="P",
+                    help="testing: drop outgoing SCTP packets with probability P")
+    ap.add_argument("--loss-seconds", type=float, default=0.0,
+                    help="testing: end the simulated loss this long after the call opens (0: never)")
+    return ap.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
+                on_start: Callable[[Sender], None] | None = None) -> Sender:
+    """Run a sender until `stop`, --seconds, or the server closes; returns it (counters).
+    `on_start` gets the Sender once it exists (tests reach in through it)."""
+    stop = stop or asyncio.Event()
+    server, room, token = resolve_server(args.server, args.room, args.token, args.url)
+    # the event loop shares the GIL with the codec thread: hand it over within 1 ms, not 5
+    sys.setswitchinterval(0.001)
+    ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
+    cfg = T.TransportConfig(args.transport, args.lifetime_ms)
+    T.tune_sctp(args.sctp_rto_min)
+    codec = T.load_codec(args.weights, args.backend, args.threads)
+    size = args.size or codec.frame_size
+    source = open_source(args.source, size, args.fps, quiet=args.quiet)
+    sig = Signaling(server, room, token, "sender", name="streamer.send")
+    try:
+        await sig.connect()
+    except BaseException:
+        source.close()
+        raise
+    if not args.quiet:
+        print(f"send: joined room {room!r} at {server}; source {source.name} at {size}x{size} "
+              f"{args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
+    tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
+                share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
+                quiet=args.quiet)
+    if on_start is not None:
+        on_start(tx)
+    if args.seconds:
+        asyncio.get_running_loop().call_later(args.seconds, stop.set)
+    try:
+        await tx.run(stop)
+    finally:
+        await sig.close()
+    if sig.closed_reason and not stop.is_set():
+        print(f"send: {sig.closed_reason}", file=sys.stderr)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(tx.summary(), f)
+    return tx
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(s, stop.set)
+        await amain(args, stop)
+
+    try:
+        asyncio.run(run())
+    except SignalingError as e:
+        print(f"send: {e}", file=sys.stderr)
+        return 2
+    except StreamerError as e:
+        print(f"send: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

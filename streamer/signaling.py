@@ -1,0 +1,214 @@
+"""The websocket client of the call server's protocol (docs/protocol.md, version 1).
+
+    sig = Signaling("ws://127.0.0.1:8765/ws", room="demo", token="...", role="sender")
+    joined = await sig.connect()            # SignalingError on a bad token, unknown room, ...
+    async for msg in sig.messages():        # dicts for JSON, Picture for binary frames
+        ...
+    await sig.signal(peer_id, {"type": "offer", "sdp": ...})
+    sig.offer_picture(KIND_DECODED, frame_number, ts_us, jpeg)   # latest-only, never blocks
+
+Pictures go out through a latest-only slot per kind drained by a writer task, so a slow
+socket thins pictures instead of delaying the call. Control messages are sent in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from server.protocol import (CLOSE_REPLACED, KIND_CAMERA, KIND_DECODED, KIND_ORIGINAL, WS_PATH,
+                             pack_frame, unpack_frame)
+
+from .errors import StreamerError
+
+__all__ = ["Signaling", "SignalingError", "Picture", "parse_join_url", "resolve_server",
+           "KIND_DECODED", "KIND_ORIGINAL", "KIND_CAMERA"]
+
+DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
+
+
+class SignalingError(StreamerError):
+    """The call server is unreachable, refused us (bad token, unknown room) or went away."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Picture:
+    kind: int
+    frame_number: int
+    timestamp_us: int
+    jpeg: bytes
+
+
+def parse_join_url(url: str) -> tuple[str, str, str]:
+    """`http://HOST:PORT/?room=R&token=T` (the server's join URL) -> (ws URL, room, token)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise SignalingError(f"not a join URL: {url!r} (expected http://HOST:PORT/?room=R&token=T)")
+    q = parse_qs(parts.query)
+    room, token = q.get("room", [""])[0], q.get("token", [""])[0]
+    if not room or not token:
+        raise SignalingError(f"the join URL {url!r} lacks room= or token=")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}{WS_PATH}", room, token
+
+
+def resolve_server(server: str | None, room: str | None, token: str | None,
+                   url: str | None) -> tuple[str, str, str]:
+    """Merge --url with --server/--room/--token (explicit options win)."""
+    ws, r, t = (parse_join_url(url) if url else (DEFAULT_SERVER, "", ""))
+    ws, r, t = server or ws, room or r, token or t
+    if not r or not t:
+        raise SignalingError("say which call to join: --room and --token, or --url JOIN_URL "
+                             "(the server prints one per room)")
+    return ws, r, t
+
+
+class Signaling:
+    def __init__(self, server: str, room: str, token: str, role: str, name: str = "",
+                 open_timeout: float = 5.0) -> None:
+        self.server, self.room, self.token, self.role, self.name = server, room, token, role, name
+        self.open_timeout = open_timeout
+        self.ws: ClientConnection | None = None
+        self.peer_id: str | None = None
+        self.peers: list[dict[str, Any]] = []
+        self.closed_reason: str | None = None
+        self._pictures: dict[int, bytes] = {}
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.pictures_sent = 0
+        self.pictures_dropped = 0
+        self.errors: list[dict[str, Any]] = []
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the socket and join; returns the `joined` message or raises SignalingError."""
+        try:
+            self.ws = await asyncio.wait_for(
+                connect(self.server, open_timeout=self.open_timeout, compression=None, max_size=4 * 2**20,
+                        ping_interval=10, ping_timeout=20),
+                self.open_timeout + 1)
+        except InvalidURI as e:
+            raise SignalingError(f"bad server URL {self.server!r}: {e}") from None
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            raise SignalingError(f"cannot reach the call server at {self.server}: {e or type(e).__name__}. "
+                                 "Is `python -m server` running there?") from None
+        join = {"type": "join", "room": self.room, "token": self.token, "role": self.role}
+        if self.name:
+            join["name"] = self.name
+        try:
+            await self.ws.send(json.dumps(join))
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), self.open_timeout))
+        except (ConnectionClosed, TimeoutError, ValueError, TypeError) as e:
+            raise SignalingError(f"the server at {self.server} did not answer our join: {e}") from None
+        if reply.get("type") == "error":
+            await self.close()
+            raise SignalingError(f"the server refused to join room {self.room!r}: {reply.get('message')} "
+                                 f"({reply.get('code')})", reply.get("code"))
+        if reply.get("type") != "joined":
+            await self.close()
+            raise SignalingError(f"unexpected first reply from the server: {str(reply)[:200]}")
+        self.peer_id = reply.get("peer_id")
+        self.peers = list(reply.get("peers", []))
+        self._writer = asyncio.ensure_future(self._write_pictures())
+        return reply
+
+    def peer_with_role(self, role: str) -> str | None:
+        for p in self.peers:
+            if p.get("role") == role:
+                return p.get("peer_id")
+        return None
+
+    async def messages(self) -> AsyncIterator[dict[str, Any] | Picture]:
+        """Incoming messages until the socket closes; keeps `peers` up to date. Malformed
+        messages are skipped. Ends normally on close; `closed_reason` says why."""
+        assert self.ws is not None, "connect() first"
+        try:
+            async for raw in self.ws:
+                if isinstance(raw, bytes):
+                    try:
+                        h, jpeg = unpack_frame(raw)
+                    except ValueError:
+                        continue
+                    yield Picture(h.kind, h.frame, h.timestamp_us, jpeg)
+                    continue
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(msg, dict):
+                    continue
+                t = msg.get("type")
+                if t == "peer_joined":
+                    self.peers = [p for p in self.peers if p.get("peer_id") != msg.get("peer_id")
+                                  and not (msg.get("role") in ("sender", "receiver") and p.get("role") == msg.get("role"))]
+                    self.peers.append({k: msg.get(k) for k in ("peer_id", "role", "name")})
+                elif t == "peer_left":
+                    self.peers = [p for p in self.peers if p.get("peer_id") != msg.get("peer_id")]
+                elif t == "error":
+                    self.errors.append(msg)
+                yield msg
+        except ConnectionClosed:
+            pass
+        code, reason = self.ws.close_code, self.ws.close_reason
+        if code == CLOSE_REPLACED:
+            self.closed_reason = f"another {self.role} joined room {self.room!r} and replaced this one"
+        elif code is not None and code != 1006:
+            self.closed_reason = f"the server closed the connection ({code} {reason or ''})".strip()
+        else:
+            self.closed_reason = "the connection to the server was lost"
+
+    async def send_json(self, msg: dict[str, Any]) -> bool:
+        """Send a control message; False (not an exception) when the socket is gone."""
+        if self.ws is None:
+            return False
+        try:
+            await self.ws.send(json.dumps(msg, separators=(",", ":")))
+            return True
+        except ConnectionClosed:
+            return False
+
+    async def signal(self, to: str, data: dict[str, Any]) -> bool:
+        return await self.send_json({"type": "signal", "to": to, "data": data})
+
+    async def send_stats(self, stats: dict[str, Any]) -> bool:
+        return await self.send_json({"type": "stats", "stats": stats})
+
+    def offer_picture(self, kind: int, frame_number: int, timestamp_us: int, jpeg: bytes) -> None:
+        """Queue a picture for viewers; a newer picture of the same kind replaces an unsent one."""
+        if kind in self._pictures:
+            self.pictures_dropped += 1
+        self._pictures[kind] = pack_frame(kind, frame_number, jpeg, timestamp_us)
+        self._wake.set()
+
+    async def _write_pictures(self) -> None:
+        while self.ws is not None:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pictures:
+                kind = next(iter(self._pictures))
+                data = self._pictures.pop(kind)
+                try:
+                    await self.ws.send(data)
+                    self.pictures_sent += 1
+                except ConnectionClosed:
+                    return
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+            self._writer = None
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()

@@ -1,0 +1,227 @@
+"""End-to-end calls on loopback: sender -> call server (signaling) -> receiver, in one process.
+
+The server is the real one (`server.app.run_server`); sender and receiver are the real programs'
+`amain`s; ICE is restricted to 127.0.0.1. Sources run at a modest fps so the checks are about
+delivery and correctness, not about the speed of a shared CI CPU (the bench measures speed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.asyncio.client import connect
+
+from server.app import run_server
+from server.protocol import KIND_CAMERA, KIND_DECODED, pack_frame, unpack_frame
+from streamer import receive, send
+from streamer.codec import bitstream
+from streamer.signaling import SignalingError, parse_join_url
+
+ROOM, TOKEN = "test", "secret-token"
+pytestmark = pytest.mark.timeout(120)
+
+
+def common(srv) -> list[str]:
+    return ["--server", srv.ws_url, "--room", ROOM, "--token", TOKEN, "--ice-address", "127.0.0.1", "--quiet"]
+
+
+async def wait_until(cond, timeout: float = 30.0, step: float = 0.05) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("timed out waiting for the call")
+        await asyncio.sleep(step)
+
+
+class Running:
+    """A program's amain as a task, with its object once created."""
+
+    def __init__(self, module, argv: list[str]) -> None:
+        self.stop = asyncio.Event()
+        self.obj = None
+        self.task = asyncio.ensure_future(module.amain(module.parse_args(argv), self.stop, self._started))
+
+    def _started(self, obj) -> None:
+        self.obj = obj
+
+    async def finish(self, timeout: float = 20.0):
+        self.stop.set()
+        return await asyncio.wait_for(self.task, timeout)
+
+
+def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
+    decoded: dict[int, np.ndarray] = {}
+    sent_codes: dict[int, np.ndarray] = {}
+
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+            rx = Running(receive, common(srv) + ["--record", str(tmp_path / "call.mp4")])
+            await wait_until(lambda: rx.obj is not None)
+            show = rx.obj.show
+
+            def spy_show(frame, image):  # keep what the receiver shows
+                if frame.complete and len(decoded) < 8:
+                    decoded[frame.frame_number] = image
+                show(frame, image)
+            rx.obj.show = spy_show
+
+            tx = Running(send, common(srv) + ["--source", "synthetic", "--fps", "5", "--measure"])
+            await wait_until(lambda: tx.obj is not None)
+            encode = tx.obj._encode
+
+            def spy_encode(cap, number):  # keep what the sender encoded
+                packets, q, ms = encode(cap, number)
+                if len(sent_codes) < 40:
+                    sent_codes[number] = q.codes.copy()
+                return packets, q, ms
+            tx.obj._encode = spy_encode
+
+            await wait_until(lambda: rx.obj.shown >= 12)
+            # inject corrupt, truncated and foreign packets into the live data channel
+            good = bitstream.pack_frame(tx.obj.codec.encode(np.zeros((224, 224, 3), np.uint8)),
+                                        tx.obj.codec.model_id, 10**6, 0, 1160)[0]
+            flipped = bytearray(good)
+            flipped[100] ^= 1
+            foreign = bytearray(good)
+            foreign[10:14] = b"\x01\x02\x03\x04"
+            bad = [bytes(flipped), good[:50], good[:-1], b"hello", bytes(foreign), "text message"]
+            for b in bad:
+                tx.obj.channel.channel.send(b)
+            shown_before = rx.obj.shown
+            await wait_until(lambda: rx.obj.shown >= shown_before + 18)  # the call goes on
+            txo = await tx.finish()
+            await asyncio.sleep(1.0)
+            rxo = await rx.finish()
+            return txo, rxo
+
+    txo, rxo = asyncio.run(main())
+    sent = txo.frame_number
+    n = rxo.assembler.n
+    assert sent >= 30
+    assert n.bad_packets + n.foreign == 6 and n.foreign >= 1
+    assert rxo.shown >= 0.9 * sent, (rxo.shown, sent, n, rxo.stats.totals)
+    assert rxo.mismatched == 0 and rxo.verified >= 0.9 * sent, (rxo.verified, sent, n, len(rxo._meta))
+    # the receiver's pictures are exactly the sender's own decode of the same codes
+    codec = txo.codec
+    common_frames = [f for f in decoded if f in sent_codes]
+    assert len(common_frames) >= 3
+    for f in common_frames:
+        assert np.array_equal(decoded[f], codec.decode_latents(codec.latents(sent_codes[f])))
+    # --measure: the sender's PSNR reached the receiver's stats
+    assert any(h.get("psnr") is not None for h in rxo.stats.history)
+    # --record wrote a playable file
+    with av.open(str(tmp_path / "call.mp4")) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames >= 0.8 * rxo.shown
+
+
+@pytest.mark.slow
+def test_receiver_resumes_after_the_sender_restarts():
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+            rx = Running(receive, common(srv))
+            await wait_until(lambda: rx.obj is not None)
+            a = Running(send, common(srv) + ["--source", "synthetic", "--fps", "10"])
+            await wait_until(lambda: rx.obj.shown >= 10)
+            await a.finish()  # the sender quits (says bye)
+            first = rx.obj.shown
+            b = Running(send, common(srv) + ["--source", "sample", "--fps", "10"])
+            await wait_until(lambda: rx.obj.shown >= first + 10)
+            # a third sender joins while b runs: it replaces b, b ends by itself
+            c = Running(send, common(srv) + ["--source", "synthetic", "--fps", "10"])
+            await asyncio.wait_for(b.task, 20)
+            second = rx.obj.shown
+            await wait_until(lambda: rx.obj.shown >= second + 10)
+            await c.finish()
+            return await rx.finish()
+
+    rxo = asyncio.run(main())
+    assert rxo.calls == 3
+    assert rxo.assembler.n.restarts + rxo.calls >= 3  # numbering restarted without confusing it
+    assert rxo.mismatched == 0
+
+
+@pytest.mark.slow
+def test_viewer_gets_stats_and_pictures_and_can_be_the_camera():
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+            async with connect(srv.ws_url) as viewer:
+                await viewer.send(json.dumps({"type": "join", "room": ROOM, "token": TOKEN, "role": "viewer"}))
+                assert json.loads(await viewer.recv())["type"] == "joined"
+                await viewer.send(json.dumps({"type": "camera", "on": True}))
+                rx = Running(receive, common(srv))
+                tx = Running(send, common(srv) + ["--source", "browser", "--fps", "10", "--share-original"])
+                stats, kinds = set(), set()
+                buf = io.BytesIO()
+                Image.fromarray(np.full((240, 320, 3), 90, np.uint8)).save(buf, format="JPEG")
+                camera = buf.getvalue()
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 40
+                n = 0
+                while loop.time() < end and not (KIND_DECODED in kinds and {"sender", "receiver"} <= stats):
+                    n += 1
+                    await viewer.send(pack_frame(KIND_CAMERA, n, camera))
+                    try:
+                        msg = await asyncio.wait_for(viewer.recv(), 0.1)
+                    except TimeoutError:
+                        continue
+                    if isinstance(msg, bytes):
+                        h, jpeg = unpack_frame(msg)
+                        kinds.add(h.kind)
+                        if h.kind == KIND_DECODED:
+                            assert Image.open(io.BytesIO(jpeg)).size == (224, 224)
+                    else:
+                        m = json.loads(msg)
+                        if m["type"] == "stats":
+                            stats.add(m["from_role"])
+                            assert "fps" in m["stats"]
+                await tx.finish()
+                rxo = await rx.finish()
+                return kinds, stats, rxo
+
+    kinds, stats, rxo = asyncio.run(main())
+    assert KIND_DECODED in kinds and 2 in kinds  # decoded and (shared) original pictures
+    assert {"sender", "receiver"} <= stats
+    assert rxo.shown > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_and_bad_token_are_clear_messages(capsys):
+    port = free_port()  # nothing listens here
+    rc = send.main(["--server", f"ws://127.0.0.1:{port}/ws", "--room", "r", "--token", "t", "--source", "synthetic"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot reach the call server" in err and "Traceback" not in err
+
+    async def bad_token():
+        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+            args = receive.parse_args(["--server", srv.ws_url, "--room", ROOM, "--token", "wrong", "--quiet"])
+            with pytest.raises(SignalingError, match="bad_token"):
+                await receive.amain(args)
+            args = receive.parse_args(["--server", srv.ws_url, "--room", "nope", "--token", TOKEN, "--quiet"])
+            with pytest.raises(SignalingError, match="unknown_room"):
+                await receive.amain(args)
+    asyncio.run(bad_token())
+    rc = receive.main(["--room", "r"])  # no token
+    assert rc == 2 and "--token" in capsys.readouterr().err
+
+
+def test_join_url_parsing():
+    assert parse_join_url("http://127.0.0.1:8765/?room=demo&token=abc") == ("ws://127.0.0.1:8765/ws", "demo", "abc")
+    assert parse_join_url("https://example.org/?room=a&token=b")[0] == "wss://example.org/ws"
+    with pytest.raises(SignalingError):
+        parse_join_url("http://127.0.0.1:8765/?room=demo")
+    with pytest.raises(SignalingError):
+        parse_join_url("not a url")

@@ -1,0 +1,166 @@
+"""Frame sources: crop/downsample to the model size, latest-frame slot, looping files, clear errors."""
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamer.errors import SourceError
+from streamer.sources import (BrowserSource, CapturedFrame, FileSource, FrameSlot, SyntheticSource, WebcamSource,
+                              decode_jpeg, open_source, prepare)
+from streamer.video import VideoWriter
+
+
+@pytest.mark.parametrize("h,w,size", [(480, 640, 224), (288, 360, 224), (720, 1280, 224), (100, 150, 64),
+                                      (120, 160, 224), (224, 224, 224)])
+def test_prepare_gives_the_model_size(h, w, size):
+    raw = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = prepare(raw, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+def test_prepare_crops_the_centre():
+    raw = np.zeros((480, 640, 3), np.uint8)
+    raw[:, 80:560] = 200  # the centred 480x480 square is bright, the side bands dark
+    out = prepare(raw, 224)  # 480 -> side 448 (k=2), then /2
+    assert out[4:-4, 4:-4].min() == 200  # (the border is the blur's zero padding, FOMM-style)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_slot_keeps_only_the_newest_frame():
+    async def main():
+        slot = FrameSlot()
+        slot.bind(asyncio.get_running_loop())
+        for i in range(5):
+            slot.put(CapturedFrame(np.zeros((1, 1, 3), np.uint8), i, i))
+        got = await slot.get()
+        assert got.seq == 4 and slot.overwritten == 4
+        assert slot.take() is None
+    run(main())
+
+
+def test_synthetic_source_is_paced_and_drops_stale_frames():
+    async def main():
+        src = SyntheticSource(64, fps=50)
+        src.start()
+        try:
+            first = await asyncio.wait_for(src.frame(), 5)
+            assert first.image.shape == (64, 64, 3)
+            await asyncio.sleep(0.5)  # a slow encoder: ~25 frames captured meanwhile
+            newest = await src.frame()
+            assert newest.seq - first.seq >= 5
+            assert src.dropped >= newest.seq - first.seq - 2  # overwritten, not queued
+            assert abs(newest.timestamp_us / 1e6 - time.time()) < 0.5  # fresh, not stale
+            assert src.captured < 60  # paced at ~50 fps, not as fast as possible
+        finally:
+            src.close()
+    run(main())
+
+
+def test_capture_does_not_block_the_event_loop():
+    async def main():
+        src = open_source("sample", 224, 30)
+        src.start()
+        try:
+            worst = 0.0
+            for _ in range(50):
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - t)
+            frame = await asyncio.wait_for(src.frame(), 5)
+            assert frame.image.shape == (224, 224, 3)
+            assert worst < 0.25  # generous: a shared CPU; decoding in the loop would stall every read
+        finally:
+            src.close()
+    run(main())
+
+
+def test_file_source_loops(tmp_path):
+    path = tmp_path / "three.mp4"
+    with VideoWriter(path, 25, 96, 80) as w:
+        for i in range(3):
+            w.write(np.full((80, 96, 3), 60 * i, np.uint8))
+
+    async def main():
+        src = FileSource(path, size=64, fps=200)
+        src.start()
+        try:
+            seen = set()
+            for _ in range(12):
+                f = await asyncio.wait_for(src.frame(), 5)
+                seen.add(f.seq)
+                await asyncio.sleep(0.01)
+            assert src.captured > 3  # more frames than the file holds: it looped
+        finally:
+            src.close()
+    run(main())
+
+
+def test_sample_is_the_bundled_clip():
+    src = open_source("sample", 224, 30)
+    try:
+        assert src.name == "sample" and isinstance(src, FileSource)
+    finally:
+        src.close()
+
+
+def test_missing_webcam_is_a_clear_error():
+    with pytest.raises(SourceError, match="no webcam at /dev/video97"):
+        WebcamSource("/dev/video97")
+    with pytest.raises(SourceError, match="no webcam"):
+        open_source("webcam:/dev/video97")
+
+
+def test_auto_falls_back_to_the_sample(capsys):
+    src = open_source("auto", 224, 30)  # no camera on this machine (CI) -> the sample clip
+    try:
+        if isinstance(src, WebcamSource):
+            pytest.skip("a real webcam is attached")
+        assert src.name == "sample"
+        assert "sample clip" in capsys.readouterr().err
+    finally:
+        src.close()
+
+
+def test_unknown_source_and_missing_file():
+    with pytest.raises(SourceError, match="unknown source"):
+        open_source("nope-not-a-file.mp4")
+    with pytest.raises(SourceError):
+        FileSource("/nonexistent/clip.mp4")
+
+
+def jpeg_bytes(w=320, h=240, value=128):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_decode_jpeg_and_garbage():
+    img = decode_jpeg(jpeg_bytes(640, 480), min_side=224)
+    assert img.shape[2] == 3 and min(img.shape[:2]) >= 224
+    with pytest.raises(SourceError, match="undecodable"):
+        decode_jpeg(b"\xff\xd8garbage")
+
+
+def test_browser_source_takes_pushed_jpegs():
+    async def main():
+        src = BrowserSource(64, fps=30)
+        src.start()
+        try:
+            src.push_jpeg(b"not a jpeg")
+            await asyncio.sleep(0.2)
+            ts = int(time.time() * 1e6) - 1000
+            src.push_jpeg(jpeg_bytes(160, 120, 200), ts)
+            f = await asyncio.wait_for(src.frame(), 5)
+            assert f.image.shape == (64, 64, 3) and abs(int(f.image.mean()) - 200) < 4
+            assert f.timestamp_us == ts  # the browser's capture time (same clock)
+            assert src.bad == 1
+        finally:
+            src.close()
+    run(main())

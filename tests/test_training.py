@@ -1,0 +1,160 @@
+"""Training: the loop learns, stage 2 leaves the encoder alone, checkpoints resume, data loads."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import data as D
+from training.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from training.metrics import ms_ssim
+from training.train import train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "tiny-test.toml"
+
+
+def tiny_config(tmp_path: Path, stages=(1,), steps1=60, steps2=10) -> list[str]:
+    """Arguments for training.train: the tiny config with its outputs under tmp_path."""
+    out = (tmp_path / "run").as_posix()
+    return ["--config", str(TINY), "--set", f'out_dir="{out}"', "--set", f'log_dir="{out}/runs"',
+            "--set", f"stages={list(stages)}", "--set", f"stage1.max_steps={steps1}",
+            "--set", f"stage2.max_steps={steps2}"]
+
+
+def test_tiny_model_loss_falls(tmp_path):
+    state = train(tiny_config(tmp_path, stages=(1,), steps1=60))
+    losses = [h["train_loss"] for h in state["history"] if "train_loss" in h]
+    assert len(losses) >= 10
+    assert losses[-1] < 0.5 * losses[0], losses
+    vals = [h["val_psnr"] for h in state["history"] if "val_psnr" in h]
+    assert vals and state["best_psnr"] == pytest.approx(max(vals), abs=1e-3)
+    assert (tmp_path / "run" / "best-stage1.safetensors").exists()
+
+
+def test_stage2_freezes_encoder_weights_and_batchnorm_stats(tmp_path):
+    train(tiny_config(tmp_path, stages=(1, 2), steps1=15, steps2=15))
+    out = tmp_path / "run"
+    start = load_file(str(out / "best-stage1.safetensors"))  # what stage 2 started from
+    final, _, info = load_checkpoint(out)
+    enc = [k for k in final if k.startswith("encoder.")]
+    assert any("running_mean" in k for k in enc) and any("weight" in k for k in enc)
+    for k in enc:  # weights, biases, running_mean/var and num_batches_tracked all untouched
+        assert torch.equal(final[k], start[k]), f"stage 2 changed {k}"
+    dec = [k for k in final if k.startswith("decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(final[k], start[k]) for k in dec), "stage 2 did not train the decoder"
+    q = info["quantizer"]
+    assert q["mode"] == "fixed" and q["bits"] == 4 and len(q["lo"]) == 8
+    assert "quantized_before_stage2" in info["state"]["metrics"]
+    cfg = json.loads((out / "best.json").read_text())
+    assert cfg["quantizer"]["mode"] == "fixed" and cfg["training"]["val"]
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    args = tiny_config(tmp_path, stages=(1,), steps1=10)
+    train(args)
+    s = train(args + ["--resume", "--set", "stage1.max_steps=20"])
+    assert s["step"] == 20  # 10 more steps, not 20 from scratch
+
+
+def test_checkpoint_roundtrip_without_pickle(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    m(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, m, opt, {"step": 1})
+    head = (tmp_path / "ckpt.safetensors").read_bytes()[:2]
+    assert head[:1] != b"\x80" and head != b"PK"  # not a pickle, not a torch zip
+    state, opt_t, info = load_checkpoint(tmp_path)
+    m2 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    m2.load_state_dict(state)
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
+    restore_optimizer(opt2, opt_t, info["optimizer"])
+    a, b = opt.state_dict(), opt2.state_dict()
+    for i in a["state"]:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))
+
+
+def write_video(path: Path, frames: int, fps: int = 10, size: int = 64) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), (i * 20) % 255, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+def test_folder_cache_samples_every_n_seconds_and_skips_corrupt_files(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    write_video(src / "a.mp4", frames=25, fps=10)  # 2.5 s
+    from PIL import Image
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(src / "sub" / "b.png")
+    (src / "broken.mp4").write_bytes(b"not a video at all")
+    paths = D.folder_sources(src)
+    assert [p.name for p in paths] == ["a.mp4", "broken.mp4", "b.png"]
+    cache = D.FrameCache(paths, size=32, every_s=1.0, cache_dir=tmp_path / "cache")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        cache.build(progress=False)
+    assert [Path(s).name for s, _ in cache.skipped] == ["broken.mp4"]
+    assert [a.shape for a in cache.arrays] == [(3, 32, 32, 3), (1, 32, 32, 3)]  # t = 0, 1, 2 s
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    again = D.FrameCache(paths, size=32, every_s=1.0, cache_dir=tmp_path / "cache")
+    again.decode = None  # a cache hit must not decode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again.build(progress=False)
+    assert again.num_frames == 4
+    crops = D.RandomCrops(cache, crop=16)
+    x = crops[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
+
+
+def test_voxceleb_layout_split_is_identity_disjoint(tmp_path):
+    for ident in range(10):
+        for vid in range(2):
+            d = tmp_path / "dev" / f"id{ident:05d}" / f"vid{vid}"
+            d.mkdir(parents=True)
+            for u in range(2):
+                (d / f"{u:05d}.mp4").write_bytes(b"")
+    paths = D.voxceleb_sources(tmp_path, "dev")
+    assert len(paths) == 40
+    tr, va = D.split_identities(paths, val_fraction=0.2, seed=1)
+    ids_tr = {D.voxceleb_identity(p) for p in tr}
+    ids_va = {D.voxceleb_identity(p) for p in va}
+    assert len(ids_va) == 2 and not ids_tr & ids_va and len(tr) + len(va) == 40
+    assert len(D.build_sources(tmp_path, "voxceleb", "dev", "train", 0.2, utterances=5, seed=1)) == 5
+
+
+def test_ms_ssim_identity_and_degradation():
+    rng = np.random.default_rng(0)
+    a = (rng.random((192, 192, 3)) * 255).astype(np.uint8)
+    assert float(ms_ssim(a, a)[0]) == pytest.approx(1.0, abs=1e-9)
+    noisy = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    slight = np.clip(a.astype(int) + rng.integers(-3, 3, a.shape), 0, 255).astype(np.uint8)
+    assert float(ms_ssim(a, noisy)[0]) < float(ms_ssim(a, slight)[0]) < 1.0
+    small = a[:64, :64]  # fewer scales fit; still defined
+    assert 0 < float(ms_ssim(small, slight[:64, :64])[0]) < 1
+
+
+@pytest.mark.skipif(not (SHARED / "val" / "still").is_dir(), reason="../shared/data is absent")
+def test_val_still_framed_as_the_call():
+    p = next(iter(sorted((SHARED / "val" / "still").iterdir())))
+    f = D.frame_to_square(D.read_image(p), 224)
+    assert f.shape == (224, 224, 3) and f.dtype == np.uint8

@@ -1,0 +1,502 @@
+"""Two-stage training of the compressive autoencoder (the seed's method), top to bottom.
+
+    python -m training.train --config training/configs/cpu-lite.toml [--resume]
+    torchrun --nproc_per_node 2 -m training.train --config training/configs/cpu-lite.toml
+
+Stage 1 trains encoder + decoder with the quantizer bypassed. Stage 2 loads the best stage-1
+model (by validation PSNR), freezes the encoder (eval mode, so its batch-norm statistics stay put,
+and requires_grad False), calibrates the per-channel fixed quantizer range on training latents
+and fine-tunes the decoder through the quantizer (straight-through estimator).
+
+The config is a TOML file whose sections go straight to constructors:
+  [model] -> streamer.codec.get_preset(**)   [quantizer] -> QuantizerConfig(**)
+  [data]  -> DataConfig(**)                  [stage1], [stage2] -> StageConfig(**)
+Top-level keys: name, seed, threads, out_dir, log_dir, export, frame_size, stages, machine,
+init_from (stage-1 codec weights for a stage-2-only run, e.g. the seed's experiments 3, 5, 7).
+
+Outputs (out_dir): ckpt.safetensors + ckpt.json (resumable, pickle-free), best-stage1.* and
+best.* (codec weights via streamer.codec.weights.save, best by validation PSNR); `export`
+(optional) gets a copy of best.* each time it improves. TensorBoard logs go to log_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from streamer.codec import CompressiveAutoencoder, Quantizer, QuantizerConfig, get_preset, to_uint8
+from streamer.codec import weights as codec_weights
+
+from . import data as D
+from .checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+
+
+# -----------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class DataConfig:
+    train: str = "/work/shared/data/train"  # a folder of videos/images, or a VoxCeleb2 root
+    val: str = "/work/shared/data/val"
+    layout: str = "folder"  # "folder" or "voxceleb"
+    partition: str = "dev"  # voxceleb: the partition to draw train (and val, by identity) from
+    val_fraction: float = 0.1  # voxceleb: share of identities held out for val
+    utterances: int | None = None  # voxceleb: number of utterances drawn at random
+    every_s: float = 0.25  # one training frame every this many seconds (the seed: 10)
+    cache_size: int = 224  # cached squares: the call's framing at this size
+    cache_dir: str = "cache/frames"
+    val_frames_per_clip: int = 6
+    synthetic: int = 0  # > 0: this many generated frames instead of files (tests)
+
+
+@dataclass
+class StageConfig:
+    crop: int = 128  # random crop side (the model is fully convolutional)
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr: float = 2e-5  # cosine decay floor
+    warmup_steps: int = 100
+    max_steps: int = 100_000
+    max_minutes: float = 0.0  # > 0: a wall-clock budget; the LR schedule follows whichever ends first
+    weight_decay: float = 0.0
+    eval_minutes: float = 5.0  # validate (and maybe export) this often; also at the end
+    eval_every: int = 0  # > 0: validate every this many steps instead
+    checkpoint_minutes: float = 3.0
+    log_every: int = 20
+    grad_clip: float = 1.0
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    cfg.setdefault("name", Path(path).stem)
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("threads", 0)
+    cfg.setdefault("frame_size", 224)
+    cfg.setdefault("stages", [1, 2])
+    cfg.setdefault("out_dir", f"checkpoints/{cfg['name']}")
+    cfg.setdefault("log_dir", f"runs/{cfg['name']}")
+    cfg.setdefault("model", {"preset": "lite"})
+    cfg.setdefault("quantizer", {"bits": 6})
+    for key in ("data", "stage1", "stage2"):
+        cfg.setdefault(key, {})
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# the network being trained: encoder -> quantizer -> decoder
+
+class Autoencoder(nn.Module):
+    def __init__(self, model: CompressiveAutoencoder, quantizer: Quantizer) -> None:
+        super().__init__()
+        self.model, self.quantizer = model, quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(self.quantizer(self.model.encoder(x)))
+
+
+def set_train_mode(net: Autoencoder, stage: int) -> None:
+    """Stage 1: everything trains. Stage 2: the encoder stays in eval mode (frozen BN stats)."""
+    net.train()
+    if stage == 2:
+        net.model.encoder.eval()
+
+
+def synthetic_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random pictures (sums of blurred blobs and gradients), uint8 (n, size, size, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, max(2, size // 16), max(2, size // 16), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    ramp = torch.linspace(0, 1, size).view(1, 1, 1, size) * torch.rand(n, 3, 1, 1, generator=g)
+    x = (0.7 * x + 0.3 * ramp).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def lr_at(sc: StageConfig, step: int, progress: float) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over `progress` in [0, 1]."""
+    if step < sc.warmup_steps:
+        return sc.lr * (step + 1) / sc.warmup_steps
+    return sc.min_lr + 0.5 * (sc.lr - sc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def validate(net: Autoencoder, val_frames: list[torch.Tensor], batch: int = 16) -> dict[str, float]:
+    """PSNR on 8-bit outputs over the val frames: the mean of per-frame PSNRs and the PSNR of the
+    mean MSE. Frames may differ in size; each size group runs in batches."""
+    was_training = net.training
+    net.eval()
+    mses = []
+    for x in val_frames:  # tensors (N, 3, H, W) of one size each
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            y = to_uint8(net(xb)).astype(np.float64)
+            ref = to_uint8(xb).astype(np.float64)
+            mses.extend(((y - ref) ** 2).reshape(len(xb), -1).mean(1).tolist())
+    net.train(was_training)
+    mses_a = np.maximum(np.array(mses), 1e-10)
+    return {"psnr": float(np.mean(10 * np.log10(255.0 ** 2 / mses_a))),
+            "psnr_of_mean_mse": float(10 * np.log10(255.0 ** 2 / mses_a.mean())), "frames": len(mses)}
+
+
+def all_average_buffers(module: nn.Module, world: int) -> None:
+    """Average float buffers (batch-norm running stats) across ranks so every rank ends equal."""
+    if world == 1:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b, op=dist.ReduceOp.SUM)
+            b.div_(world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(argv)
+    return 0
+
+
+def train(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the training the command line describes; returns the final state (metrics, history)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="TOML config (training/configs/*.toml)")
+    ap.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.* if present")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set stage1.max_minutes=1")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        target = cfg.setdefault(section, {}) if section else cfg
+        target[name] = tomllib.loads(f"v = {value}")["v"] if value else value
+
+    # -- distributed setup (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK) -------------------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank (DDP also broadcasts them)
+    out_dir, log_dir = Path(cfg["out_dir"]), Path(cfg["log_dir"])
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    # -- data ----------------------------------------------------------------------------------
+    dc = DataConfig(**cfg["data"])
+    if dc.synthetic:
+        train_arrays = [synthetic_frames(dc.synthetic, dc.cache_size, seed=cfg["seed"])]
+        val_arrays = [synthetic_frames(max(2, dc.synthetic // 8), dc.cache_size, seed=cfg["seed"] + 1)]
+        train_cache = D.FrameCache([], size=dc.cache_size)
+        train_cache.arrays = train_arrays
+        val_cache = D.FrameCache([], size=dc.cache_size)
+        val_cache.arrays = val_arrays
+    else:
+        def caches() -> tuple[D.FrameCache, D.FrameCache]:
+            train_src = D.build_sources(dc.train, dc.layout, dc.partition,
+                                        "train" if dc.layout == "voxceleb" and not dc.val else "all",
+                                        dc.val_fraction, dc.utterances, cfg["seed"])
+            if dc.layout == "voxceleb" and not dc.val:  # identity-disjoint val from the same partition
+                val_src = D.build_sources(dc.train, dc.layout, dc.partition, "val", dc.val_fraction,
+                                          None, cfg["seed"])
+            else:
+                val_src = D.folder_sources(dc.val) if dc.layout == "folder" else D.voxceleb_sources(dc.val, "test")
+            tc = D.FrameCache(train_src, size=dc.cache_size, every_s=dc.every_s, cache_dir=dc.cache_dir)
+            vc = D.FrameCache(val_src, size=cfg["frame_size"], per_source=dc.val_frames_per_clip,
+                              cache_dir=dc.cache_dir)
+            return tc, vc
+        if master:  # rank 0 decodes and fills the cache; the others then read it
+            train_cache, val_cache = caches()
+            train_cache.build(progress=True)
+            val_cache.build(progress=True)
+        if ddp:
+            dist.barrier()
+        if not master:
+            train_cache, val_cache = caches()
+            train_cache.build(progress=False)
+            val_cache.build(progress=False)
+        if master:
+            for path, why in train_cache.skipped + val_cache.skipped:
+                print(f"skipped {path}: {why}", flush=True)
+    # val frames grouped by size, as float tensors
+    by_size: dict[int, list[np.ndarray]] = {}
+    for a in val_cache.arrays:
+        side = min(cfg["frame_size"], a.shape[1] // 8 * 8)
+        for f in a:
+            by_size.setdefault(side, []).append(np.ascontiguousarray(f[(f.shape[0] - side) // 2:][:side, (f.shape[1] - side) // 2:][:, :side]))
+    val_frames = [torch.from_numpy(np.stack(v)).permute(0, 3, 1, 2).float().div(255).to(device)
+                  for v in by_size.values()]
+    if master:
+        print(f"data: {train_cache.num_frames} training frames from {len(train_cache.arrays)} sources, "
+              f"{sum(len(v) for v in val_frames)} val frames; world size {world} on {device}", flush=True)
+
+    # -- model, quantizer ----------------------------------------------------------------------
+    model_cfg = dict(cfg["model"])
+    preset = model_cfg.pop("preset", "lite")
+    mcfg = get_preset(preset, **model_cfg)
+    model = CompressiveAutoencoder(mcfg)
+    qcfg_base = dict(cfg["quantizer"])
+    bits = int(qcfg_base.get("bits", 6))
+    quantizer = Quantizer(QuantizerConfig(bits=bits, mode="bypass"), mcfg.latent_channels)
+    net = Autoencoder(model, quantizer).to(device)
+
+    # -- state, resumed from a checkpoint if asked --------------------------------------------
+    state: dict[str, Any] = {"stage": int(cfg["stages"][0]), "step": 0, "elapsed_s": 0.0,
+                             "best_psnr": -1.0, "metrics": {}, "total_elapsed_s": 0.0, "history": []}
+    resume_opt = None
+    if args.resume and has_checkpoint(out_dir):
+        model_state, opt_tensors, info = load_checkpoint(out_dir)
+        net.model.load_state_dict(model_state)
+        state.update(info["state"])
+        if info.get("quantizer", {}).get("mode") == "fixed":
+            quantizer.cfg = QuantizerConfig.from_dict(info["quantizer"])
+            quantizer.lo.copy_(torch.tensor(quantizer.cfg.lo))
+            quantizer.hi.copy_(torch.tensor(quantizer.cfg.hi))
+        resume_opt = (opt_tensors, info["optimizer"])
+        if master:
+            print(f"resumed {out_dir} at stage {state['stage']} step {state['step']}", flush=True)
+    writer = None
+    if master:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(log_dir))
+
+    def codec_config(stage: int) -> codec_weights.CodecConfig:
+        return codec_weights.CodecConfig(
+            preset=preset, model=mcfg, quantizer=QuantizerConfig.from_dict(quantizer.cfg.to_dict()),
+            frame_size=int(cfg["frame_size"]),
+            training={"command": "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv),
+                      "config": str(args.config), "stage": stage, "step": state["step"],
+                      "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "wall_time_min": round((state["total_elapsed_s"] + time.time() - t_start) / 60, 1),
+                      "machine": cfg.get("machine", f"{platform.node()} {os.cpu_count()} CPU"
+                                         f"{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ', no GPU'}"),
+                      "world_size": world, "torch": torch.__version__,
+                      "training_frames": train_cache.num_frames, "val": dict(state["metrics"])})
+
+    @torch.no_grad()
+    def calibrate() -> None:
+        """The fixed per-channel range from training latents (deterministic: same on all ranks)."""
+        frames = D.CentreCrops(train_cache, cfg["frame_size"]).frames
+        pick = np.linspace(0, len(frames) - 1, num=min(256, len(frames))).round().astype(int)
+        net.model.encoder.eval()
+        latents = []
+        by_side: dict[int, list[np.ndarray]] = {}
+        for i in pick:
+            by_side.setdefault(frames[i].shape[0], []).append(frames[i])
+        for fs in by_side.values():
+            for j in range(0, len(fs), 32):
+                x = torch.from_numpy(np.stack(fs[j:j + 32])).permute(0, 3, 1, 2).float().div(255).to(device)
+                latents.append(net.model.encoder(x).transpose(0, 1).flatten(1).cpu())  # (C, N*h*w)
+        quantizer.cfg.mode = "fixed"
+        quantizer.cfg.bits = bits
+        quantizer.calibrate(torch.cat(latents, dim=1)[None, :, :, None])
+
+    def export(path: Path, stage: int) -> None:
+        """Codec weights (safetensors + JSON), written next to each other then renamed into place."""
+        tmp = path.parent / f".tmp-{path.name}"
+        codec_weights.save(tmp, codec_config(stage), net.model)
+        for suffix in (".safetensors", ".json"):
+            os.replace(tmp.with_suffix(suffix), path.with_suffix(suffix))
+
+    if cfg.get("init_from") and 1 in cfg["stages"] and state["step"] == 0 and resume_opt is None:
+        _, init, _ = codec_weights.load(cfg["init_from"])  # stage 1 continues from other weights
+        net.model.load_state_dict(init.state_dict())
+        if master:
+            print(f"stage 1 starts from {cfg['init_from']}", flush=True)
+
+    # -- the two stages ------------------------------------------------------------------------
+    for stage in cfg["stages"]:
+        if stage < state["stage"]:
+            continue
+        sc = StageConfig(**cfg[f"stage{stage}"])
+        fresh = stage != state["stage"] or resume_opt is None
+        if stage == 2:
+            start = out_dir / "best-stage1"  # the best stage-1 model by val, or another run's (init_from)
+            if not start.with_suffix(".safetensors").exists() and cfg.get("init_from"):
+                start = Path(cfg["init_from"])
+            if fresh and start.with_suffix(".safetensors").exists():
+                _, best1, _ = codec_weights.load(start)
+                net.model.load_state_dict(best1.state_dict())
+            elif fresh:
+                print(f"warning: stage 2 found no stage-1 weights at {start}; fine-tuning the current model",
+                      flush=True)
+            for p in net.model.encoder.parameters():
+                p.requires_grad_(False)
+            net.model.encoder.eval()
+            if fresh:
+                calibrate()
+                q = validate(net, val_frames)
+                state["metrics"]["quantized_before_stage2"] = q
+                state["best_psnr"] = q["psnr"]
+                if master:
+                    print(f"stage 2: calibrated {bits}-bit fixed range; val PSNR quantized before "
+                          f"fine-tuning {q['psnr']:.2f} dB", flush=True)
+                    writer.add_scalar("val/psnr_quantized_before_stage2", q["psnr"], state["step"])
+                    export(out_dir / "best", 2)
+                    if cfg.get("export"):
+                        export(Path(cfg["export"]), 2)
+        if fresh:
+            state.update(stage=stage, elapsed_s=0.0, stage_step=0)
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=sc.lr, weight_decay=sc.weight_decay)
+        if not fresh:
+            restore_optimizer(opt, *resume_opt)
+        resume_opt = None
+        train_net: nn.Module = net
+        if ddp:
+            train_net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+        dataset = D.RandomCrops(train_cache, sc.crop, flip=True, seed=cfg["seed"] * 1000 + rank + 7919 * state["step"])
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank + 7919 * state["step"])
+        set_train_mode(net, stage)
+
+        def get_batch() -> torch.Tensor:
+            idx = torch.randint(len(dataset), (sc.batch_size,), generator=gen).tolist()
+            return torch.stack([dataset[i] for i in idx]).to(device, non_blocking=True)
+
+        if master:
+            from tqdm import tqdm
+            bar = tqdm(total=sc.max_steps, initial=state["stage_step"], desc=f"stage {stage}",
+                       mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+        t0 = time.time() - state["elapsed_s"]
+        last_eval = last_ckpt = time.time()
+        loss_acc, n_acc = 0.0, 0
+        while True:
+            # rank 0 decides progress, validation and checkpointing (wall clock) for everyone
+            elapsed = time.time() - t0
+            progress = state["stage_step"] / sc.max_steps
+            if sc.max_minutes > 0:
+                progress = max(progress, elapsed / (sc.max_minutes * 60))
+            done = progress >= 1.0
+            do_eval = done or (sc.eval_every > 0 and state["stage_step"] > 0 and state["stage_step"] % sc.eval_every == 0) \
+                or (sc.eval_every <= 0 and time.time() - last_eval > sc.eval_minutes * 60)
+            do_ckpt = done or time.time() - last_ckpt > sc.checkpoint_minutes * 60
+            flags = torch.tensor([progress, float(done), float(do_eval), float(do_ckpt)])
+            if ddp:
+                dist.broadcast(flags, 0)
+            progress, done, do_eval, do_ckpt = float(flags[0]), bool(flags[1]), bool(flags[2]), bool(flags[3])
+
+            if do_eval:
+                all_average_buffers(net, world)
+                v = validate(net, val_frames)
+                last_eval = time.time()
+                state["history"].append({"stage": stage, "step": state["stage_step"], "val_psnr": round(v["psnr"], 3),
+                                         "minutes": round((time.time() - t0) / 60, 2)})
+                if master:
+                    writer.add_scalar(f"val/psnr_stage{stage}", v["psnr"], state["step"])
+                    writer.add_scalar(f"val/psnr_of_mean_mse_stage{stage}", v["psnr_of_mean_mse"], state["step"])
+                    with torch.no_grad():
+                        net.eval()
+                        xs = val_frames[0][: 4]
+                        writer.add_images("val/original_top_reconstruction_bottom",
+                                          torch.cat([xs, net(xs)]).clamp(0, 1), state["step"])
+                        set_train_mode(net, stage)
+                    bar.write(f"stage {stage} step {state['stage_step']}: val PSNR {v['psnr']:.2f} dB "
+                              f"(of mean MSE {v['psnr_of_mean_mse']:.2f}), best {state['best_psnr']:.2f}")
+                if v["psnr"] > state["best_psnr"]:
+                    state["best_psnr"] = v["psnr"]
+                    state["metrics"][f"stage{stage}"] = {**v, "step": state["stage_step"]}
+                    if master:
+                        if stage == 1:
+                            export(out_dir / "best-stage1", 1)  # bypass quantizer: the stage-2 start
+                            if cfg.get("export") or 2 in cfg["stages"]:  # a usable codec right away
+                                saved = quantizer.cfg
+                                quantizer.cfg = QuantizerConfig(bits=bits, mode="fixed")
+                                lo, hi = quantizer.lo.clone(), quantizer.hi.clone()
+                                calibrate()
+                                set_train_mode(net, stage)
+                                export(out_dir / "best", 1)
+                                if cfg.get("export"):
+                                    export(Path(cfg["export"]), 1)
+                                quantizer.cfg = saved
+                                quantizer.lo.copy_(lo)
+                                quantizer.hi.copy_(hi)
+                        else:
+                            export(out_dir / "best", 2)
+                            if cfg.get("export"):
+                                export(Path(cfg["export"]), 2)
+            if do_ckpt:
+                all_average_buffers(net, world)
+                state["elapsed_s"] = time.time() - t0
+                if master:
+                    save_checkpoint(out_dir, net.model, opt, {"state": state, "config": cfg,
+                                                              "quantizer": quantizer.cfg.to_dict()})
+                last_ckpt = time.time()
+            if done:
+                break
+
+            # one optimisation step
+            lr = lr_at(sc, state["stage_step"], progress)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = get_batch()
+            y = train_net(x)
+            loss = torch.nn.functional.mse_loss(y, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, sc.grad_clip)
+            opt.step()
+            state["step"] += 1
+            state["stage_step"] += 1
+            loss_acc += loss.item()
+            n_acc += 1
+            if master:
+                bar.update(1)
+                if state["stage_step"] % sc.log_every == 0:
+                    mean = loss_acc / n_acc
+                    writer.add_scalar(f"train/loss_stage{stage}", mean, state["step"])
+                    writer.add_scalar(f"train/psnr_stage{stage}", 10 * math.log10(1 / max(mean, 1e-12)), state["step"])
+                    writer.add_scalar("train/lr", lr, state["step"])
+                    state["history"].append({"stage": stage, "step": state["stage_step"], "train_loss": mean})
+                    bar.set_postfix(loss=f"{mean:.5f}", lr=f"{lr:.2e}", budget=f"{progress:.0%}")
+                    loss_acc, n_acc = 0.0, 0
+        state["metrics"][f"stage{stage}_final"] = v
+        if master:
+            bar.close()
+            print(f"stage {stage} done: {state['stage_step']} steps in {(time.time() - t0) / 60:.1f} min, "
+                  f"best val PSNR {state['best_psnr']:.2f} dB", flush=True)
+        state["total_elapsed_s"] += time.time() - t0
+        if ddp:
+            del train_net
+        if stage == 1 and 2 in cfg["stages"]:
+            state["stage"] = 2  # the next stage starts fresh from best-stage1
+            state["elapsed_s"] = 0.0
+            resume_opt = None
+
+    if master:
+        save_checkpoint(out_dir, net.model, opt, {"state": state, "config": cfg,
+                                                  "quantizer": quantizer.cfg.to_dict()})
+        print("val PSNRs:", {k: round(v["psnr"], 2) for k, v in state["metrics"].items()}, flush=True)
+        writer.close()
+    if cfg.get("dump_rank_weights"):  # tests: every rank writes what it ended with
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in net.model.state_dict().items()}, str(out_dir / f"rank{rank}.safetensors"))
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
