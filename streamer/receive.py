@@ -17,7 +17,6 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -28,9 +27,8 @@ import numpy as np
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S, AssembledFrame, FrameAssembler
 from .codec import NeuralCodec
-from .errors import StreamerError
 from .record import Recorder
-from .signaling import KIND_DECODED, Picture, Signaling, SignalingError, resolve_server
+from .signaling import KIND_DECODED, Picture, Signaling, resolve_server
 from .sources import now_us
 from .stats import CallStats, FrameLog, percentile
 
@@ -325,27 +323,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(s, stop.set)
-        await amain(args, stop)
-
-    try:
-        asyncio.run(run())
-    except SignalingError as e:
-        print(f"receive: {e}", file=sys.stderr)
-        return 2
-    except StreamerError as e:
-        print(f"receive: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
-
+    return T.run_program("receive", lambda stop: amain(args, stop))
 
 if __name__ == "__main__":
     sys.exit(main())

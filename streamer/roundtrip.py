@@ -20,7 +20,7 @@ import numpy as np
 from . import antialias
 from .codec import NeuralCodec, bitstream
 from .errors import StreamerError
-from .metrics import psnr, psnr_from_mse, mse
+from .metrics import mse, psnr_from_mse
 from .video import SAMPLE_CLIP, VideoWriter, frame_rate, read_frames
 
 

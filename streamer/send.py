@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -28,10 +27,9 @@ import numpy as np
 from . import transport as T
 from .assembler import codes_crc
 from .codec import NeuralCodec, bitstream
-from .errors import StreamerError
 from .metrics import psnr
 from .receive import jpeg
-from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, SignalingError, resolve_server
+from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
 
@@ -320,27 +318,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(s, stop.set)
-        await amain(args, stop)
-
-    try:
-        asyncio.run(run())
-    except SignalingError as e:
-        print(f"send: {e}", file=sys.stderr)
-        return 2
-    except StreamerError as e:
-        print(f"send: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
-
+    return T.run_program("send", lambda stop: amain(args, stop))
 
 if __name__ == "__main__":
     sys.exit(main())

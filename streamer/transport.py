@@ -12,7 +12,7 @@ next one:
   ``maxPacketLifeTime`` (SCTP retransmits a lost chunk until the lifetime ends). A frame is
   all-or-nothing and subject to the reassembly bug.
 
-The bench (`python -m streamer.bench call --transport ...`) measures both; see README-call.md.
+The bench (`python -m streamer.bench call --transport ...`) measures both; README.md ("The call") has the numbers.
 
 Frames never queue: `ChannelSender.send_frame` sends only when the channel's bufferedAmount has
 drained below a small threshold and otherwise drops the frame (counted).
@@ -36,18 +36,21 @@ a lossy network.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import contextvars
 import ipaddress
 import random
 import re
+import signal
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from .errors import ConfigError
+from .errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
     from .codec import NeuralCodec
@@ -64,7 +67,7 @@ DEFAULT_LIFETIME_MS = 100
 DEFAULT_BUFFER_THRESHOLD = 16 * 1024
 # aiortc's minimum RTO is RFC 9260's 1 s. On a low-RTT path that is the length of every freeze
 # caused by losing the last chunks in flight (only T3 notices). Measured on loopback, 20 % loss,
-# 30 fps: longest gap 1.98 s at 1 s, 0.35 s at 0.2 s, 0.19 s at 0.1 s (see README-call.md).
+# 30 fps: longest gap 1.98 s at 1 s, 0.35 s at 0.2 s, 0.19 s at 0.1 s (README.md, "The call").
 # The RTO still follows the measured RTT above this floor.
 DEFAULT_RTO_MIN_S = 0.1
 
@@ -308,11 +311,34 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true", help="no per-second stats line")
 
 
-def load_codec(weights: str, backend: str = "eager", threads: int | None = 1) -> "NeuralCodec":
-    """The model for a call: the named weights (untrained 'lite' with a warning while no default
-    ships yet), torch threads set, and the requested backend applied when streamer.backends has one."""
-    import sys
+def run_program(prog: str, amain: Callable[[asyncio.Event], Awaitable[Any]]) -> int:
+    """Run one end of a call until it ends or Ctrl-C / SIGTERM; user mistakes (a bad URL or
+    token, an unreachable server, a missing webcam or model) become one line and exit code 2."""
+    from .signaling import SignalingError
 
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(s, stop.set)
+        await amain(stop)
+
+    try:
+        asyncio.run(run())
+    except SignalingError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except StreamerError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def load_codec(weights: str, backend: str = "eager", threads: int | None = 1) -> "NeuralCodec":
+    """The model for a call: the named weights, torch threads set, and the requested backend."""
     import torch
 
     from .roundtrip import load_codec as _load

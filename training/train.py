@@ -25,11 +25,10 @@ import argparse
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
