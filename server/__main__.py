@@ -35,7 +35,7 @@ async def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("server.ws").setLevel(logging.WARNING)  # one line per HTTP GET is noise
-    rooms = {name: args.token or secrets.token_urlsafe(16) for name in args.rooms or ["demo"]}
+    rooms = {name: args.token or secrets.token_hex(16) for name in args.rooms or ["demo"]}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,7 +39,7 @@ class Demo:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.token = args.token or secrets.token_urlsafe(12)
+        self.token = args.token or secrets.token_hex(12)
         self.children: list[tuple[str, subprocess.Popen[str]]] = []
         self.stopping = False
 
@@ -56,7 +56,7 @@ class Demo:
         """Start the server and return the join URL it prints."""
         for port in dict.fromkeys([self.args.port, 0]):  # the asked port, else any free one
             proc = self.spawn("server", "server", "--port", str(port), "--room", ROOM,
-                              "--token", self.token, capture=True)
+                              f"--token={self.token}", capture=True)
             assert proc.stdout is not None
             # The server prints its join URL once listening, or exits (EOF) when it cannot.
             for line in proc.stdout:

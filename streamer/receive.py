@@ -291,7 +291,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     sys.setswitchinterval(0.001)
     ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
     T.tune_sctp(args.sctp_rto_min)
-    codec = T.load_codec(args.weights, args.backend, args.threads)
+    codec = T.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
+                          args.backend_cache)
     sig = Signaling(server, room, token, "receiver", name="streamer.receive")
     await sig.connect()
     recorder = Recorder(args.record, args.fps) if args.record else None

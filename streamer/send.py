@@ -285,7 +285,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
     cfg = T.TransportConfig(args.transport, args.lifetime_ms)
     T.tune_sctp(args.sctp_rto_min)
-    codec = T.load_codec(args.weights, args.backend, args.threads)
+    codec = T.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
+                          args.backend_cache)
     size = args.size or codec.frame_size
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
     sig = Signaling(server, room, token, "sender", name="streamer.send")

@@ -45,6 +45,7 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
 
 import aioice.ice
@@ -294,7 +295,10 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", help="a join URL instead of --server/--room/--token: "
                     "http://127.0.0.1:8765/?room=R&token=T")
     ap.add_argument("--weights", default="default", help="model name or path (default: the shipped default)")
-    ap.add_argument("--backend", default="eager", help="auto|eager|compile|int8|tensorrt (default eager)")
+    from .backends import add_backend_arguments
+
+    # eager by default: int8 is faster but compiles for ~20 s at start (README, "Backends")
+    add_backend_arguments(ap, default="eager")
     ap.add_argument("--ice-address", action="append", metavar="IP",
                     help="gather ICE host candidates on exactly this address (repeatable; "
                     "e.g. 127.0.0.1 for a loopback call; default: every interface)")
@@ -337,26 +341,17 @@ def run_program(prog: str, amain: Callable[[asyncio.Event], Awaitable[Any]]) -> 
     return 0
 
 
-def load_codec(weights: str, backend: str = "eager", threads: int | None = 1) -> "NeuralCodec":
+def load_codec(weights: str, backend: str = "eager", threads: int | None = 1, precision: str | None = None,
+               cache_dir: "Path | None" = None) -> "NeuralCodec":
     """The model for a call: the named weights, torch threads set, and the requested backend."""
     import torch
 
+    from .backends import apply_backend
     from .roundtrip import load_codec as _load
 
     if threads:
         torch.set_num_threads(threads)
-    codec = _load(weights)
-    if backend in ("eager", ""):
-        return codec
-    try:
-        from .backends import apply_backend  # type: ignore[attr-defined]
-    except ImportError:
-        if backend == "auto":
-            return codec
-        raise ConfigError(f"backend {backend!r} is not available in this build (streamer.backends is "
-                          "missing); use --backend eager") from None
-    out = apply_backend(codec, backend)
-    if out is None or not hasattr(out, "encode"):
-        out = codec
-    print(f"backend: {getattr(out, 'backend', backend)}", file=sys.stderr)
-    return out
+    codec = apply_backend(_load(weights), backend, precision=precision, cache_dir=cache_dir)
+    if backend != "eager":
+        print(f"backend: {codec.backend}", file=sys.stderr)
+    return codec

@@ -36,8 +36,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from streamer.backends import add_backend_arguments, apply_backend
 from streamer.codec import NeuralCodec
 from streamer.codec.bitstream import compression_ratio
+from streamer.errors import StreamerError
 
 from . import data as D
 from .metrics import ms_ssim, mse_uint8, summarize_psnr
@@ -217,10 +219,11 @@ def x264_roundtrip(frames: list[np.ndarray], fps: float, kbps: float, preset: st
 # -- main -----------------------------------------------------------------------------------------
 
 def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str = "veryfast",
-             extra_bits: tuple[int, ...] = (5, 4), log: Callable[[str], None] = print, threads: int = 1) -> dict:
+             extra_bits: tuple[int, ...] = (5, 4), log: Callable[[str], None] = print, threads: int = 1,
+             backend: str = "eager", precision: str | None = None, cache_dir: Path | None = None) -> dict:
     t0 = time.time()
     torch.set_num_threads(threads)  # 1: on a shared 2-core machine more threads spin and run slower
-    codec = NeuralCodec.load(weights)
+    codec = apply_backend(NeuralCodec.load(weights), backend, precision=precision, cache_dir=cache_dir)
     size = codec.frame_size
     clips = load_clips(data_dir, size, per_clip)
     measured = [(c, i) for c in clips for i in c.sampled]
@@ -239,6 +242,7 @@ def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str =
             qc = QuantizerConfig.from_dict({**codec.cfg.quantizer.to_dict(), "bits": bits})
             cfg = CodecConfig(codec.cfg.preset, codec.cfg.model, qc, codec.cfg.frame_size, {})
             c = NeuralCodec(cfg, codec.model, codec.model_id ^ bits, name=f"{codec.name}-{bits}bit")
+            c.encoder, c.decoder, c.backend = codec.encoder, codec.decoder, codec.backend  # same runtime
         r = Result("neural", f"{bits} bit" + ("" if bits == codec.bits else " (re-quantized, not retrained)"))
         for n, (clip, i) in enumerate(measured):
             frame = clip.frames[i]
@@ -304,6 +308,7 @@ def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str =
 
     table = [r.summary() for r in results]
     return {"weights": str(weights), "model_id": f"{codec.model_id:08x}", "preset": codec.cfg.preset,
+            "backend": codec.backend,
             "latent_channels": codec.cfg.model.latent_channels, "bits": codec.bits,
             "frame_size": size, "data": str(data_dir), "frames_per_clip": per_clip,
             "sources": len(clips), "frames_measured": len(measured),
@@ -363,10 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames-per-clip", type=int, default=8)
     ap.add_argument("--x264-preset", default="veryfast")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_backend_arguments(ap, default="eager")
     args = ap.parse_args(argv)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
-    report = evaluate(args.weights, Path(args.data), args.frames_per_clip, args.x264_preset, log=log,
-                      threads=args.threads)
+    if not Path(args.data).is_dir():
+        print(f"evaluate: error: no folder {args.data}", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(args.weights, Path(args.data), args.frames_per_clip, args.x264_preset, log=log,
+                          threads=args.threads, backend=args.backend, precision=args.backend_precision,
+                          cache_dir=args.backend_cache)
+    except StreamerError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

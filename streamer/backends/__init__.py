@@ -12,13 +12,20 @@ one backend talks to a receiver on another.
 |----------|------------|-----------------------------------------------------------------------|
 | eager    | CPU, CUDA  | BN folded into convs, channels-last, inference mode; fp16 on a GPU     |
 | compile  | CPU, CUDA  | torch.compile: inductor + freezing on CPU, "reduce-overhead" on a GPU  |
-| int8     | x86 CPU    | PT2E int8 (X86InductorQuantizer), calibrated on real frames, inductor |
+| int8     | x86 CPU    | PT2E int8 (X86InductorQuantizer), calibrated on real frames, inductor; |
+|          |            | the 4 precision-sensitive convs stay float32 (see `int8`)               |
 | tensorrt | CUDA       | Torch-TensorRT dynamo, fp16 (or int8 via ModelOpt), engines cached     |
 
 `auto` picks, in order, the first available of `AUTO_ORDER[device type]`:
 CUDA: tensorrt, compile, eager; CPU: int8, eager. `compile` is left out of the CPU order: on the
-2-core build machine it measured no faster than folded eager and costs ~30 s of compilation at
-start (see README-backends.md for the numbers behind this order).
+2-core build machine it measured no faster than folded eager (0.9-1.05x the unfolded eager
+model, folded eager 1.05-1.3x, int8 1.4-2x; `python -m streamer.bench codec --backend all`) and
+costs ~10 s of compilation at start.
+
+`apply_backend` runs each new encoder and decoder once on a frame of the codec's size before it
+returns (`warmup=True`): compiled backends compile there rather than on the first frame of a
+call, and a backend that builds but cannot run (no working C++ toolchain, an inductor bug)
+fails there, where `auto` can still fall back to the next one.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from .check import Agreement, compare
 from .common import INSTALL_INT8, INSTALL_TENSORRT, BackendError, Runner, resolve_device
 
 __all__ = ["BackendError", "BACKENDS", "CHOICES", "AUTO_ORDER", "apply_backend", "available_backends",
-           "resolve_backend", "add_backend_arguments", "apply_backend_from_args", "Runner",
+           "resolve_backend", "warm_up", "add_backend_arguments", "apply_backend_from_args", "Runner",
            "Agreement", "compare"]
 
 log = logging.getLogger(__name__)
@@ -75,9 +82,22 @@ def resolve_backend(name: str, device: str | torch.device | None = None) -> str:
     return name
 
 
+def warm_up(codec: NeuralCodec, encoder: Any, decoder: Any, batch: int = 1) -> None:
+    """One encode and decode of a mid-grey frame batch at the codec's frame size."""
+    side = codec.frame_size
+    with torch.inference_mode():
+        y = encoder(torch.full((batch, 3, side, side), 0.5))
+        expect = (batch, codec.cfg.model.latent_channels, side // 8, side // 8)
+        if tuple(y.shape) != expect:
+            raise BackendError(f"encoder made latents of shape {tuple(y.shape)}, expected {expect}")
+        x = decoder(codec.quantizer(y))
+        if tuple(x.shape) != (batch, 3, side, side):
+            raise BackendError(f"decoder made pictures of shape {tuple(x.shape)}, expected {(batch, 3, side, side)}")
+
+
 def apply_backend(codec: NeuralCodec, name: str, *, calibration_frames: np.ndarray | None = None,
                   cache_dir: Path | None = None, device: str | torch.device | None = None,
-                  precision: str | None = None) -> NeuralCodec:
+                  precision: str | None = None, warmup: bool = True) -> NeuralCodec:
     """Swap `codec.encoder` / `codec.decoder` for backend `name` and set `codec.backend`.
 
     calibration_frames: uint8 (N, H, W, 3) frames for the int8 backends (default: the bundled
@@ -86,8 +106,10 @@ def apply_backend(codec: NeuralCodec, name: str, *, calibration_frames: np.ndarr
     device: "cpu" or "cuda[:n]"; default CUDA when present.
     precision: "fp32" | "fp16" | "int8" where the backend offers a choice (default: the fastest
         that keeps quality: fp16 on GPUs, fp32 eager/compile on CPUs, int8 for int8).
-    Returns the same codec, for chaining. With "auto", a backend that fails to build is logged and
-    the next in order is tried; a named backend that fails raises `BackendError`.
+    warmup: run encoder and decoder once at the codec's frame size (batch 1) before returning,
+        so compilation happens here and a backend that cannot run fails here.
+    Returns the same codec, for chaining. With "auto", a backend that fails to build (or to warm
+    up) is logged and the next in order is tried; a named backend that fails raises `BackendError`.
     """
     dev = resolve_device(device)
     concrete = resolve_backend(name, dev)
@@ -102,6 +124,8 @@ def apply_backend(codec: NeuralCodec, name: str, *, calibration_frames: np.ndarr
         try:
             enc, dec = _MODULES[backend].build(codec, dev, precision=precision,
                                                calibration_frames=calibration_frames, cache_dir=cache_dir)
+            if warmup:
+                warm_up(codec, enc, dec)
         except BackendError as e:
             if name != "auto":
                 raise

@@ -37,6 +37,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def dense_strides(shape: tuple[int, ...] | torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides of a dense tensor of `shape` in `memory_format` (NCHW or NHWC for 4-d)."""
+    if len(shape) == 4 and memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 class Runner:
     """Tensor -> Tensor callable around an inference function.
 
@@ -60,8 +72,16 @@ class Runner:
         src = x.device
         with self.context(), torch.inference_mode():
             x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+            if x.stride() != dense_strides(x.shape, self.memory_format):
+                # contiguous() ignores the stride of a size-1 dimension, but compiled graphs guard
+                # on exact strides: a frame from NumPy (`frame[None]`, stride 0) would recompile
+                x = x.clone(memory_format=self.memory_format)
             y = self.fn(x)
             y = y.to(src, torch.float32)
+            if y.device.type == "cuda" and y.device == src:
+                # a CUDA-graph replay ("reduce-overhead") overwrites its output buffer on the next
+                # call: hand the caller its own copy when no device transfer made one already
+                y = y.clone()
             # latents are small and go to the quantizer: give it plain NCHW; pictures stay
             # channels-last, which is already the (N, H, W, 3) order `to_uint8` wants
             return y.contiguous() if self.contiguous_out else y

@@ -38,15 +38,21 @@ def available(device: torch.device) -> str | None:
     return None
 
 
+def inductor_context(**patches: object):  # type: ignore[no-untyped-def]
+    """An inductor config patch for this call only (other compiles are untouched). Options this
+    torch's inductor does not know are dropped, so an older torch compiles without them."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({k: v for k, v in patches.items() if hasattr(inductor_config, k)})
+
+
 def freezing_context():  # type: ignore[no-untyped-def]
-    """Inductor freezing for this call only (a config patch, so other compiles are untouched).
+    """Inductor freezing (weights become constants, convs get prepacked oneDNN weights).
 
     Passing it as torch.compile(options=...) does not reach the constant folding that prepacks
     int8 conv weights (torch 2.13 fails in fake-tensor mode), a config patch around the call does.
     """
-    import torch._inductor.config as inductor_config
-
-    return inductor_config.patch(freezing=True)
+    return inductor_context(freezing=True)
 
 
 RECOMPILE_LIMIT = 64

@@ -13,6 +13,13 @@ Replicate padding is explicit (`ReplicatePad`), with two implementations: ``"nat
 second exists because TorchInductor in torch 2.13 fails to compile a replicate pad that reads a
 pixel shuffle's output ("vr must not be None for symbol q1"); the cat form compiles.
 
+Pixel shuffles come in two forms too: ``"standard"`` (``nn.PixelShuffle``) and ``"block"``
+(`BlockPixelShuffle`, with the conv before it writing its output channels in sub-pixel-major
+order). Both compute the same picture; in a channels-last graph the block form reads each output
+pixel's channels contiguously instead of with a stride of r*r, which lets inductor vectorize the
+fused shuffle / pad / quantize loops of the int8 decoder (0.7 ms of its ~11 ms at 224x224 on the
+build machine). Eager PyTorch is faster with ``nn.PixelShuffle``.
+
 The folded model computes the same function as the original in eval mode, to float rounding.
 """
 
@@ -28,6 +35,7 @@ from ..codec.model import CompressiveAutoencoder
 from ..errors import StreamerError
 
 PAD_MODES = ("native", "cat")
+SHUFFLE_MODES = ("standard", "block")
 
 
 class FoldError(StreamerError):
@@ -75,6 +83,43 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
+
+
+class BlockPixelShuffle(nn.Module):
+    """Pixel shuffle by ``r`` of input channels ordered (i, j, c) instead of nn.PixelShuffle's
+    (c, i, j): output[n, c, r*h + i, r*w + j] = input[n, (i*r + j)*C + c, h, w]."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, crr, h, w = x.shape
+        r = self.r
+        return x.view(n, r, r, crr // (r * r), h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, crr // (r * r), h * r, w * r)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+
+def to_block_shuffles(layers: nn.Sequential) -> nn.Sequential:
+    """In place: every (PaddedConv, PixelShuffle) pair of `layers` becomes the conv with its output
+    channels reordered (c, i, j) -> (i, j, c) followed by a `BlockPixelShuffle`: the same function."""
+    items = list(layers)
+    for i, m in enumerate(items):
+        if isinstance(m, nn.PixelShuffle):
+            prev = items[i - 1] if i else None
+            if not isinstance(prev, PaddedConv):
+                raise FoldError("a pixel shuffle that does not follow a conv cannot take the block form")
+            conv, r = prev[1], m.upscale_factor
+            c = conv.out_channels // (r * r)
+            # new channel (i*r + j)*C + c reads old channel c*r*r + (i*r + j)
+            order = torch.arange(conv.out_channels).view(c, r * r).t().reshape(-1)
+            with torch.no_grad():
+                conv.weight.copy_(conv.weight[order])
+                conv.bias.copy_(conv.bias[order])
+            layers[i] = BlockPixelShuffle(r)
+    return layers
 
 
 class Clamp01(nn.Module):
@@ -191,14 +236,19 @@ def fold_encoder(model: CompressiveAutoencoder, pad_mode: str = "native") -> Fol
 
 
 @torch.no_grad()
-def fold_decoder(model: CompressiveAutoencoder, pad_mode: str = "native") -> FoldedDecoder:
-    """An inference copy of `model.decoder` with BN and the ``+ 0.5`` folded; `model` is untouched."""
+def fold_decoder(model: CompressiveAutoencoder, pad_mode: str = "native",
+                 shuffle: str = "standard") -> FoldedDecoder:
+    """An inference copy of `model.decoder` with BN and the ``+ 0.5`` folded; `model` is untouched.
+    shuffle: "standard" (nn.PixelShuffle) or "block" (`to_block_shuffles`)."""
+    if shuffle not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle mode {shuffle!r}; valid: {', '.join(SHUFFLE_MODES)}")
     src = copy.deepcopy(model.decoder).eval()
     layers, convs = _fold_sequence(list(src.net), pad_mode)
     if not isinstance(layers[-1], (PaddedConv, nn.PixelShuffle)):
         raise FoldError("the decoder does not end in a conv (+ pixel shuffle); cannot fold its + 0.5")
     convs[-1].bias.add_(0.5)
-    return FoldedDecoder(*layers, Clamp01()).eval()
+    dec = FoldedDecoder(*layers, Clamp01()).eval()
+    return to_block_shuffles(dec) if shuffle == "block" else dec
 
 
 def count_batchnorm(module: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """TensorRT backend through Torch-TensorRT's dynamo path, with an on-disk engine cache.
 
 Build (per encoder / decoder and per input shape): the BN-folded module is exported with
-`torch.export`, then `torch_tensorrt.compile(..., ir="dynamo", arg_inputs=[example],
-enabled_precisions=...)` turns it into a GraphModule that runs TensorRT engines.
+`torch.export` (`export_for_tensorrt`, the graph the CPU tests check), then
+`torch_tensorrt.dynamo.compile(exported_program, inputs=[example], enabled_precisions=...)`
+turns it into a GraphModule that runs TensorRT engines.
 Precisions: "fp16" (default; the module and its inputs are cast to half), "fp32", and "int8",
 where NVIDIA ModelOpt (`mtq.quantize` with `INT8_DEFAULT_CFG`) inserts calibrated
 quantize/dequantize nodes that TensorRT turns into int8 layers.
@@ -11,9 +12,11 @@ Building an engine takes seconds to minutes, so each one is saved with `torch_te
 (an ExportedProgram file) and reloaded with `torch.export.load(path).module()` on the next
 start. The cache key names everything that makes an engine invalid when it changes: the model
 (`codec.model_id`: architecture, quantizer and every weight), the part, the input shape, the
-precision, the GPU (name and compute capability) and the versions of torch, torch-tensorrt and
-TensorRT (and ModelOpt for int8). A changed key is a different file; a file whose sidecar key
-does not match, or that fails to load, is rebuilt.
+precision, the GPU (name and compute capability) and the versions of torch, CUDA, torch-tensorrt
+and TensorRT (and ModelOpt for int8). A changed key is a different file; a file whose sidecar key
+does not match, or that fails to load, is rebuilt; and when an engine is built, the engines of
+the same model, part, shape, precision and GPU that an older library version or cache format
+built are deleted (nothing on this install can use them again).
 
 Everything but `build_engine` / `save_engine` / `load_engine` runs without TensorRT and is tested
 on the CPU; those three follow the Torch-TensorRT documentation and need an NVIDIA GPU.
@@ -186,7 +189,30 @@ class EngineCache:
                 os.unlink(tmp)
         self._sidecar(key).write_text(json.dumps(key.to_dict(), indent=1, sort_keys=True) + "\n")
         self.events.append(("rebuilt" if stale else "built", key.filename()))
+        for old in self.obsolete(key):
+            self.events.append(("removed", old.name))
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         return engine
+
+    def obsolete(self, key: EngineKey) -> list[Path]:
+        """Engines `key` supersedes: same model, part, shape, precision and GPU, built by other
+        library versions or another cache format (or with an unreadable sidecar)."""
+        out = []
+        same = ("part", "model_id", "input_shape", "precision", "gpu")
+        want = key.to_dict()
+        for path in self.entries():
+            if path == self.path(key):
+                continue
+            try:
+                stored = json.loads(path.with_suffix(".json").read_text())
+            except (OSError, json.JSONDecodeError):
+                if path.name.startswith(f"{key.part}-{key.model_id:08x}-"):
+                    out.append(path)
+                continue
+            if all(stored.get(k) == want[k] for k in same) and stored != want:
+                out.append(path)
+        return out
 
     def entries(self) -> list[Path]:
         return sorted(self.root.glob("*.ep")) if self.root.exists() else []
@@ -208,15 +234,24 @@ def input_shape(codec: NeuralCodec, part: str, batch: int, size: int) -> tuple[i
 
 
 def export_for_tensorrt(module: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
-    """The static-shape ExportedProgram TensorRT compiles (one engine per input shape)."""
-    return torch.export.export(module.eval(), (example,))
+    """The static-shape ExportedProgram TensorRT compiles (one engine per input shape). Non-strict
+    tracing, as Torch-TensorRT's ModelOpt example exports the quantized module."""
+    return torch.export.export(module.eval(), (example,), strict=False)
 
 
 # -- TensorRT-only steps ------------------------------------------------------------------------
 
+def engine_example(shape: tuple[int, ...], precision: str, device: torch.device) -> Tensor:
+    """The example input an engine is built, saved and keyed for: fp16 engines take half inputs."""
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    return torch.rand(shape, device=device, dtype=torch.float32).to(dtype)
+
+
 def build_engine(module: nn.Module, example: Tensor, precision: str,
                  calibration: list[Tensor] | None = None) -> nn.Module:
-    """Compile a copy of `module` for `example`'s shape into a TensorRT-backed GraphModule."""
+    """Compile a copy of `module` for `example`'s shape (and dtype: half for "fp16") into a
+    TensorRT-backed GraphModule: export, then torch_tensorrt.dynamo.compile, as in
+    Torch-TensorRT's documented dynamo and ModelOpt PTQ examples."""
     import torch_tensorrt
 
     module = copy.deepcopy(module).eval().to(example.device)  # quantize / half() work in place
@@ -232,23 +267,27 @@ def build_engine(module: nn.Module, example: Tensor, precision: str,
                     m(b.to(example.device))
 
         mtq.quantize(module, mtq.INT8_DEFAULT_CFG, forward_loop=forward_loop)
-        with export_torch_mode():  # ModelOpt's QDQ nodes as exportable ops
-            return torch_tensorrt.compile(module, ir="dynamo", arg_inputs=[example],
-                                          enabled_precisions={torch.int8}, min_block_size=1)
+        with torch.no_grad(), export_torch_mode():  # ModelOpt's QDQ nodes as exportable ops
+            program = export_for_tensorrt(module, example)
+            return torch_tensorrt.dynamo.compile(program, inputs=[example], enabled_precisions={torch.int8},
+                                                 min_block_size=1)
     if precision == "fp16":
-        module, example = module.half(), example.half()
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    return torch_tensorrt.compile(module, ir="dynamo", arg_inputs=[example],
-                                  enabled_precisions={dtype}, min_block_size=1)
+        module = module.half()
+    with torch.no_grad():
+        program = export_for_tensorrt(module, example)
+        return torch_tensorrt.dynamo.compile(program, inputs=[example], enabled_precisions={example.dtype},
+                                             min_block_size=1)
 
 
 def save_engine(engine: nn.Module, path: Path, example: Tensor) -> None:
     import torch_tensorrt
 
-    torch_tensorrt.save(engine, str(path), arg_inputs=[example])
+    torch_tensorrt.save(engine, str(path), output_format="exported_program", inputs=[example])
 
 
 def load_engine(path: Path) -> TensorFn:
+    import torch_tensorrt  # noqa: F401  registers the TensorRT runtime ops the saved program calls
+
     return torch.export.load(str(path)).module()
 
 
@@ -270,13 +309,15 @@ class ShapeEngines:
 
     def engine(self, shape: tuple[int, ...]) -> TensorFn:
         if shape not in self.engines:
-            dtype = torch.float16 if self.precision == "fp16" else torch.float32
-            example = torch.rand(shape, device=self.device, dtype=torch.float32).to(dtype)
-            self.engines[shape] = self.cache.get(
-                self.key(shape),
-                build=lambda: build_engine(self.module, example.float(), self.precision, self.calibration),
-                save=lambda eng, path: save_engine(eng, path, example),
-                load=load_engine)
+            # a new shape can first appear inside the Runner's inference mode, where export
+            # cannot trace: build (and make the example) outside it
+            with torch.inference_mode(False):
+                example = engine_example(shape, self.precision, self.device)
+                self.engines[shape] = self.cache.get(
+                    self.key(shape),
+                    build=lambda: build_engine(self.module, example, self.precision, self.calibration),
+                    save=lambda eng, path: save_engine(eng, path, example),
+                    load=load_engine)
         return self.engines[shape]
 
     def __call__(self, x: Tensor) -> Tensor:

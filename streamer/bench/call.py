@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamer.backends import CHOICES
 from streamer.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 6.0  # model load + join + ICE/DTLS before the first frame, generously
+COMPILE_S = 40.0  # more for backends that compile at start (int8 ~22 s on 2 cores, compile ~10 s)
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -131,16 +133,17 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-call-"))
-    token = secrets.token_urlsafe(8)
+    token = secrets.token_hex(8)  # hex: never starts with "-", which argparse would take for an option
     room = "bench"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float | None] = {}
     load0 = os.getloadavg()
+    startup = STARTUP_S + (COMPILE_S if args.backend in ("auto", "int8", "compile", "tensorrt") else 0)
     try:
-        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, "--token", token], tmp / "server.log")
+        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--token={token}"], tmp / "server.log")
         line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
         ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
-        common = ["--server", ws, "--room", room, "--token", token, "--ice-address", "127.0.0.1",
+        common = ["--server", ws, "--room", room, f"--token={token}", "--ice-address", "127.0.0.1",
                   "--weights", args.weights, "--backend", args.backend, "--threads", str(args.threads), "--quiet"]
         if args.rto_min is not None:
             common += ["--sctp-rto-min", str(args.rto_min)]
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loss_s = args.loss_seconds if args.loss_seconds is not None else args.seconds / 2
         send = ["-m", "streamer.send", *common, "--source", args.source, "--fps", str(args.fps),
                 "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms),
-                "--seconds", str(args.seconds + STARTUP_S), "--summary", str(tmp / "sender.json")]
+                "--seconds", str(args.seconds + startup), "--summary", str(tmp / "sender.json")]
         if args.size:
             send += ["--size", str(args.size)]
         if args.loss > 0:
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             send.append("--measure")
         procs["sender"] = _spawn(send, tmp / "sender.log")
         try:
-            procs["sender"].wait(args.seconds + STARTUP_S + 60)
+            procs["sender"].wait(args.seconds + startup + 60)
         except subprocess.TimeoutExpired:
             pass
         time.sleep(0.5)
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frames = [json.loads(l) for l in (tmp / "frames.jsonl").read_text().splitlines() if l.strip()]
     loss_end_us = sender.get("loss_end_us") if args.loss > 0 else None
     result = analyse(frames, sender, receiver, args.seconds, loss_end_us)
-    wall = args.seconds + STARTUP_S
+    wall = args.seconds + startup
     pct: dict[str, float | None] = {}
     for name, summ in (("sender", sender), ("receiver", receiver)):
         pct[name] = round(100 * summ["cpu_s"] / summ["wall_s"], 1) if summ.get("wall_s") else None
@@ -394,7 +397,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--weights", default="default")
-    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--backend", choices=CHOICES, default="eager",
+                    help="sender and receiver backend (int8 adds ~20 s of start-up compilation)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--measure", action="store_true", help="the sender also decodes and reports PSNR")
     ap.add_argument("--rto-min", type=float, default=None, help="SCTP minimum RTO in seconds (aiortc: 1)")

@@ -10,7 +10,10 @@ centre-cropped to the size):
   (no model involved: measured once per preset, size and batch and shown on each of its rows).
 
 Times are per call (a whole batch), median and 99th percentile over --repeats calls after warm-up
-calls (which also absorb torch.compile / int8 compilation, reported as first_call_s).
+calls (which also absorb torch.compile / int8 compilation, reported as first_call_s). Beside wall
+time, `enc_dec_cpu_ms` is the CPU time of the calling thread: with one torch thread (the
+default, as in a call) all the work runs there, so it shows what the code costs even when
+other processes take the CPU away for part of a call.
 
 The baseline is the codec as `NeuralCodec` ships it: the eager float32 modules (BatchNorm
 unfolded, NCHW). Each backend's calls are interleaved with the baseline's, call for call, so
@@ -20,8 +23,8 @@ runs), `streamer.backends.compare` reports each backend's agreement with the bas
 on --quality-frames clip frames: code agreement, decoder PSNR and the whole-path PSNR drop.
 
     python -m streamer.bench codec [--backend eager|all|NAME[,NAME]] [--preset lite[,...]|all]
-        [--sizes 128,224,256] [--batch 1,8] [--repeats 20] [--threads T] [--weights default]
-        [--no-quality] [--json]
+        [--sizes 128,224,256] [--batch 1,8] [--repeats 20] [--threads 1] [--weights default]
+        [--quality-clips sample|PATH[,PATH]] [--no-quality] [--json]
 
 The default (`--backend eager`) answers "encode, decode, pack and unpack median ms per preset and
 size (128, 224, 256)" for the shipped model in well under 90 s on a 2-core CPU.
@@ -30,6 +33,7 @@ size (128, 224, 256)" for the shipped model in well under 90 s on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -107,7 +111,7 @@ class Subject:
 
     def __init__(self, name: str, codec: NeuralCodec) -> None:
         self.name, self.codec = name, codec
-        self.times: dict[str, list[float]] = {"encode": [], "decode": [], "enc_dec": []}
+        self.times: dict[str, list[float]] = {"encode": [], "decode": [], "enc_dec": [], "enc_dec_cpu": []}
         self.first_call_s = 0.0
 
     def encode(self, frames: np.ndarray) -> list[Any]:
@@ -118,6 +122,7 @@ class Subject:
             return to_uint8(self.codec.decoder(dequantize_batch(codes, lo, hi, self.codec.bits)))
 
     def step(self, frames: np.ndarray, record: bool) -> None:
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         qs = self.encode(frames)
         t1 = time.perf_counter()
@@ -126,10 +131,12 @@ class Subject:
         t2 = time.perf_counter()
         self.decode(codes, lo, hi)
         t3 = time.perf_counter()
+        c3 = time.thread_time()
         if record:
             self.times["encode"].append(t1 - t0)
             self.times["decode"].append(t3 - t2)
             self.times["enc_dec"].append(t1 - t0 + t3 - t2)
+            self.times["enc_dec_cpu"].append(c3 - c0)
 
 
 def dequantize_batch(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> torch.Tensor:
@@ -209,7 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base, weights = load_codec(preset, args.weights)
         subjects = [Subject(BASELINE, base)]
         for b in wanted:
-            codec, _ = load_codec(preset, args.weights)
+            # a copy, not a second load: the weights file may be replaced (by training) meanwhile
+            codec = copy.deepcopy(base)
             t = time.perf_counter()
             try:
                 apply_backend(codec, b, device=args.device)
@@ -226,14 +234,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 measure(subjects, frames, args.repeats, args.warmup, args.cell_budget)
                 pack, unpack, packet_bytes = time_pack(base, frames, args.repeats)
                 ref = float(np.median(subjects[0].times["enc_dec"]))
+                ref_cpu = float(np.median(subjects[0].times["enc_dec_cpu"]))
                 for s in subjects:
                     ed = float(np.median(s.times["enc_dec"]))
+                    ed_cpu = float(np.median(s.times["enc_dec_cpu"]))
                     rows.append({
                         "preset": preset, "weights": weights, "backend": s.name, "size": size, "batch": batch,
                         "encode_ms": stats(s.times["encode"]), "decode_ms": stats(s.times["decode"]),
-                        "enc_dec_ms": stats(s.times["enc_dec"]), "pack_ms": pack, "unpack_ms": unpack,
+                        "enc_dec_ms": stats(s.times["enc_dec"]), "enc_dec_cpu_ms": stats(s.times["enc_dec_cpu"]),
+                        "pack_ms": pack, "unpack_ms": unpack,
                         "per_frame_enc_dec_ms": round(ed * 1e3 / batch, 3),
-                        "speedup": round(ref / ed, 3), "first_call_s": round(s.first_call_s, 2),
+                        "speedup": round(ref / ed, 3), "cpu_speedup": round(ref_cpu / max(ed_cpu, 1e-9), 3),
+                        "first_call_s": round(s.first_call_s, 2),
                         "repeats": len(s.times["enc_dec"]),
                         "packet_bytes": packet_bytes,
                     })
@@ -250,15 +262,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     m = r["machine"]
     out = [f"codec benchmark: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), torch {r['torch']}, "
-           f"{r['threads']} threads, load {m.get('loadavg_at_start')}, {r['repeats']} repeats; ms per call"]
+           f"{r['threads']} threads, load {m.get('loadavg_at_start')}, {r['repeats']} repeats; ms per call "
+           f"(cpu: the calling thread's CPU ms for encode + decode)"]
     hdr = (f"{'preset':16s} {'weights':9s} {'backend':9s} {'size':>4s} {'batch':>5s} {'encode':>8s} {'p99':>8s} "
-           f"{'decode':>8s} {'p99':>8s} {'enc+dec':>8s} {'/frame':>7s} {'speedup':>7s} {'pack':>6s} {'unpack':>6s}")
+           f"{'decode':>8s} {'p99':>8s} {'enc+dec':>8s} {'/frame':>7s} {'speedup':>7s} {'cpu':>7s} {'speedup':>7s} "
+           f"{'pack':>6s} {'unpack':>6s}")
     out += [hdr, "-" * len(hdr)]
     for row in r["rows"]:
         out.append(f"{row['preset']:16s} {row['weights'][:9]:9s} {row['backend']:9s} {row['size']:4d} {row['batch']:5d} "
                    f"{row['encode_ms']['median']:8.2f} {row['encode_ms']['p99']:8.2f} {row['decode_ms']['median']:8.2f} "
                    f"{row['decode_ms']['p99']:8.2f} {row['enc_dec_ms']['median']:8.2f} {row['per_frame_enc_dec_ms']:7.2f} "
-                   f"{row['speedup']:6.2f}x {row['pack_ms']['median']:6.3f} {row['unpack_ms']['median']:6.3f}")
+                   f"{row['speedup']:6.2f}x {row['enc_dec_cpu_ms']['median']:7.2f} {row['cpu_speedup']:6.2f}x "
+                   f"{row['pack_ms']['median']:6.3f} {row['unpack_ms']['median']:6.3f}")
     if r["build_s"]:
         out.append("backend build s: " + ", ".join(f"{k} {v}" for k, v in r["build_s"].items()))
     for q in r["quality"]:
@@ -281,7 +296,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCHES)), help="batch sizes (default 1,8)")
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per cell (default 20)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per cell first (default 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1, as the sender and receiver run: on a small "
+                         "shared CPU more intra-op threads than free cores spin and slow every backend down)")
     ap.add_argument("--weights", default="default", help="weights for the lite preset (default: the shipped model)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     ap.add_argument("--quality", dest="quality", action="store_true", default=True,
