@@ -58,6 +58,19 @@ def test_stage2_freezes_encoder_weights_and_batchnorm_stats(tmp_path):
     assert cfg["quantizer"]["mode"] == "fixed" and cfg["training"]["val"]
 
 
+def test_stage2_freeze_bn_keeps_decoder_statistics_and_trains_its_weights(tmp_path):
+    train(tiny_config(tmp_path, stages=(1, 2), steps1=15, steps2=15) + ["--set", "stage2.freeze_bn=true"])
+    out = tmp_path / "run"
+    start = load_file(str(out / "best-stage1.safetensors"))
+    final, _, _ = load_checkpoint(out)
+    stats = [k for k in final if k.startswith("decoder.") and ("running_" in k or "num_batches" in k)]
+    assert stats
+    for k in stats:
+        assert torch.equal(final[k], start[k]), f"freeze_bn let {k} move"
+    dec = [k for k in final if k.startswith("decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(final[k], start[k]) for k in dec), "stage 2 did not train the decoder"
+
+
 def test_resume_continues_from_checkpoint(tmp_path):
     args = tiny_config(tmp_path, stages=(1,), steps1=10)
     train(args)
