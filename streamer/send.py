@@ -321,5 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return T.run_program("send", lambda stop: amain(args, stop))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from streamer.antialias import METHODS, FommReference, downsample
+from . import cpu_name
 
 SAMPLE_CLIP = Path(__file__).resolve().parents[1] / "assets" / "sample.mpg"
 SCALE = 0.25
@@ -65,15 +66,7 @@ def load_frames(path: Path, n: int) -> np.ndarray:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": cpu,

@@ -48,6 +48,7 @@ from ..codec import NeuralCodec, bitstream
 from ..codec.codec import to_uint8
 from ..codec.presets import PRESETS
 from ..errors import StreamerError, WeightsError
+from . import cpu_name
 
 BASELINE = "baseline"
 DEFAULT_SIZES = (128, 224, 256)
@@ -57,15 +58,7 @@ DEFAULT_BATCHES = (1, 8)
 # -- setup -------------------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info: dict[str, Any] = {
         "cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
