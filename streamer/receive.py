@@ -314,11 +314,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
                 print(f"receive: recorded {recorder.written} frames to {args.record} ({recorder.codec_name})"
                       + (f"; {recorder.error}" if recorder.error else ""), flush=True)
         rx.frame_log.close()
-    if sig.closed_reason and not stop.is_set():
-        print(f"receive: {sig.closed_reason}", file=sys.stderr)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(rx.summary(), f)
+    T.report_end("receive", sig, stop, args.summary, rx.summary)
     return rx
 
 

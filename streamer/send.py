@@ -309,11 +309,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
         await tx.run(stop)
     finally:
         await sig.close()
-    if sig.closed_reason and not stop.is_set():
-        print(f"send: {sig.closed_reason}", file=sys.stderr)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(tx.summary(), f)
+    T.report_end("send", sig, stop, args.summary, tx.summary)
     return tx
 
 

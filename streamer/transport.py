@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import contextvars
 import ipaddress
+import json
 import random
 import re
 import signal
@@ -313,6 +314,17 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: run until Ctrl-C)")
     ap.add_argument("--summary", metavar="PATH", help="write a JSON summary here at exit (for the bench)")
     ap.add_argument("--quiet", action="store_true", help="no per-second stats line")
+
+
+def report_end(prog: str, sig: Any, stop: asyncio.Event, summary_path: str | None,
+               summary: Callable[[], dict[str, Any]]) -> None:
+    """After a call: say why the server ended it (unless we were asked to stop), and write the
+    JSON summary the bench reads."""
+    if sig.closed_reason and not stop.is_set():
+        print(f"{prog}: {sig.closed_reason}", file=sys.stderr)
+    if summary_path:
+        with open(summary_path, "w") as f:
+            json.dump(summary(), f)
 
 
 def run_program(prog: str, amain: Callable[[asyncio.Event], Awaitable[Any]]) -> int:
