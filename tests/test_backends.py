@@ -152,20 +152,43 @@ def test_int8_backend_agrees_with_the_model(int8_codec, frames):
 
 
 def test_int8_keeps_the_sensitive_convs_float():
-    """The encoder's first and last convs and the decoder's last two stay float32, the rest int8."""
+    """The linear block path's convs and the encoder's first and last convs stay float32; the
+    rest (the whole convolutional path of the decoder) runs int8."""
     codec = load()
+    assert codec.cfg.model.linear_path == 1
     xs, ys = int8.calibration_batches(codec, sample_frames(SIZE, 4))
     for part, module, batches, stride in (("encoder", fold_encoder(codec.model, "cat"), xs, 8),
                                           ("decoder", fold_decoder(codec.model, "cat", "block"), ys, 1)):
         names = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+        net = [n for n in names if n.startswith("net.")]
+        linear = [n for n in names if n.startswith("linear.")]
+        assert len(linear) == 1 and len(net) + 1 == len(names)
         keep = int8.float_convs(module, part)
-        assert keep == ((names[0], names[-1]) if part == "encoder" else (names[-2], names[-1]))
+        assert set(keep) == ({net[0], net[-1], *linear} if part == "encoder" else set(linear))
         graph = int8.quantize_module(module, batches, stride=stride, float_layers=keep)
         convs = [n for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
         assert len(convs) == len(names)
         # an int8 conv reads a dequantized weight; a float32 one its weight tensor
         int8_convs = [n for n in convs if n.args[1].op == "call_function" and "dequantize" in str(n.args[1].target)]
-        assert len(int8_convs) == len(names) - 2
+        assert len(int8_convs) == len(names) - len(keep)
+
+
+@pytest.mark.parametrize("preset", ["lite", "lite-v1"])
+def test_folding_handles_models_with_and_without_the_linear_path(preset):
+    codec = NeuralCodec.untrained(preset, frame_size=64, seed=4)
+    with torch.no_grad():  # give the zero-started convolutional paths something to compute
+        for m in codec.model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.05)
+    codec.model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    for pad_mode, shuffle in (("native", "standard"), ("cat", "block")):
+        enc, dec = fold_encoder(codec.model, pad_mode), fold_decoder(codec.model, pad_mode, shuffle)
+        assert (enc.linear is not None) == (preset == "lite")
+        with torch.inference_mode():
+            y = codec.model.encoder(x)
+            assert torch.allclose(enc(x), y, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(dec(y), codec.model.decoder(y), atol=1e-5)
 
 
 def test_int8_packets_decode_on_an_eager_receiver(int8_codec, frames):

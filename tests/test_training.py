@@ -171,3 +171,36 @@ def test_val_still_framed_as_the_call():
     p = next(iter(sorted((SHARED / "val" / "still").iterdir())))
     f = D.frame_to_square(D.read_image(p), 224)
     assert f.shape == (224, 224, 3) and f.dtype == np.uint8
+
+
+def test_pca_start_is_the_linear_block_codec():
+    """With the linear path set from PCA and the convolutional paths at their zero start, the
+    model computes exactly the projection onto the leading principal components of 8x8 blocks."""
+    from streamer.codec import CompressiveAutoencoder, get_preset, to_tensor
+    from training.pca import block_vectors, init_linear_path, principal_components
+    from training.train import synthetic_frames
+
+    frames = synthetic_frames(16, 64, seed=3)
+    model = CompressiveAutoencoder(get_preset("lite", latent_channels=8, width1=8, width2=16)).eval()
+    explained = init_linear_path(model, frames)
+    v = block_vectors(frames)
+    mean, comps = principal_components(v, 8)
+    rec = ((v - mean) @ comps.T) @ comps + mean  # (blocks, 3*8*8), in [-0.5, 0.5]
+    n, bh, bw = len(frames), 64 // 8, 64 // 8
+    rec = rec.reshape(n, bh, bw, 3, 8, 8).transpose(0, 3, 1, 4, 2, 5).reshape(n, 3, 64, 64) + 0.5
+    with torch.no_grad():
+        out = model(to_tensor(frames)).numpy()
+    assert np.abs(out - np.clip(rec, 0, 1)).max() < 1e-4
+    assert 0.5 < explained < 1.0
+    # more components explain more, and a model without the path refuses the start
+    assert init_linear_path(CompressiveAutoencoder(get_preset("lite", latent_channels=16, width1=8, width2=16)), frames) > explained
+    with pytest.raises(ValueError, match="no linear path"):
+        init_linear_path(CompressiveAutoencoder(get_preset("lite-v1", latent_channels=8, width1=8, width2=16)), frames)
+
+
+def test_linear_path_must_be_0_or_1():
+    from streamer.codec import get_preset
+    from streamer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="linear_path"):
+        get_preset("lite", linear_path=2)

@@ -9,7 +9,7 @@ and requires_grad False), calibrates the per-channel fixed quantizer range on tr
 and fine-tunes the decoder through the quantizer (straight-through estimator).
 
 The config is a TOML file whose sections go straight to constructors:
-  [model] -> streamer.codec.get_preset(**)   [quantizer] -> QuantizerConfig(**)
+  [model] -> streamer.codec.get_preset(**)   [quantizer] -> bits, coverage (fixed-range calibration)
   [data]  -> DataConfig(**)                  [stage1], [stage2] -> StageConfig(**)
 Top-level keys: name, seed, threads, out_dir, log_dir, export, frame_size, stages, machine,
 init_from (stage-1 codec weights for a stage-2-only run, e.g. the seed's experiments 3, 5, 7).
@@ -266,6 +266,10 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     model = CompressiveAutoencoder(mcfg)
     qcfg_base = dict(cfg["quantizer"])
     bits = int(qcfg_base.get("bits", 6))
+    # share of training latents inside the fixed range (the rest is clipped). Measured on a
+    # cpu-lite stage-1 model, val PSNR quantized: 0.999 34.20, 0.9995 34.69, 0.9999 35.54,
+    # full min..max 35.35 dB.
+    coverage = float(qcfg_base.get("coverage", 0.9999))
     quantizer = Quantizer(QuantizerConfig(bits=bits, mode="bypass"), mcfg.latent_channels)
     net = Autoencoder(model, quantizer).to(device)
 
@@ -318,7 +322,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                 latents.append(net.model.encoder(x).transpose(0, 1).flatten(1).cpu())  # (C, N*h*w)
         quantizer.cfg.mode = "fixed"
         quantizer.cfg.bits = bits
-        quantizer.calibrate(torch.cat(latents, dim=1)[None, :, :, None])
+        quantizer.calibrate(torch.cat(latents, dim=1)[None, :, :, None], coverage=coverage)
 
     def export(path: Path, stage: int) -> None:
         """Codec weights (safetensors + JSON), written next to each other then renamed into place."""
@@ -327,6 +331,16 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         for suffix in (".safetensors", ".json"):
             os.replace(tmp.with_suffix(suffix), path.with_suffix(suffix))
 
+    if mcfg.linear_path and 1 in cfg["stages"] and not cfg.get("init_from") and state["step"] == 0 and resume_opt is None:
+        # the linear block path starts as the PCA of training blocks (same frames on every rank)
+        from .pca import init_linear_path
+        frames = [f for f in D.CentreCrops(train_cache, cfg["frame_size"]).frames if f.shape[0] == cfg["frame_size"]]
+        pick = np.linspace(0, len(frames) - 1, num=min(512, len(frames))).round().astype(int)
+        explained = init_linear_path(net.model, np.stack([frames[i] for i in pick]))
+        if master:
+            v = validate(net, val_frames)
+            print(f"linear path: PCA of 8x8 training blocks, {explained:.1%} of their variance; "
+                  f"val PSNR at step 0 {v['psnr']:.2f} dB", flush=True)
     if cfg.get("init_from") and 1 in cfg["stages"] and state["step"] == 0 and resume_opt is None:
         _, init, _ = codec_weights.load(cfg["init_from"])  # stage 1 continues from other weights
         net.model.load_state_dict(init.state_dict())

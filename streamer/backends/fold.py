@@ -122,11 +122,6 @@ def to_block_shuffles(layers: nn.Sequential) -> nn.Sequential:
     return layers
 
 
-class Clamp01(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.clamp(0.0, 1.0)
-
-
 def _plain_conv(conv: nn.Conv2d, pad_mode: str) -> tuple[PaddedConv, nn.Conv2d]:
     """A copy of `conv` with padding moved into a `ReplicatePad` (or a zero pad kept in the conv)."""
     if conv.groups != 1 or conv.dilation != (1, 1):
@@ -216,12 +211,38 @@ def _trailing_conv(mods: list[nn.Module], convs: list[nn.Conv2d]) -> tuple[nn.Co
     return None, 1
 
 
-class FoldedEncoder(nn.Sequential):
-    """The encoder as conv / ReLU / residual layers; input centring folded into the first conv."""
+class FoldedEncoder(nn.Module):
+    """The encoder as conv / ReLU / residual layers (`net`), plus the linear block path's conv
+    when the model has one; the input centring folded into the first conv of each."""
+
+    def __init__(self, net: nn.Sequential, linear: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net, self.linear = net, linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x)
+        return y if self.linear is None else y + self.linear(x)
 
 
-class FoldedDecoder(nn.Sequential):
-    """The decoder as conv / ReLU / pixel-shuffle layers, then the clamp to [0, 1]."""
+class FoldedDecoder(nn.Module):
+    """The decoder as conv / ReLU / pixel-shuffle layers (`net`), plus the linear block path when
+    the model has one, then the clamp to [0, 1]; the output's + 0.5 folded into `net`."""
+
+    def __init__(self, net: nn.Sequential, linear: nn.Sequential | None = None) -> None:
+        super().__init__()
+        self.net, self.linear = net, linear
+
+    def forward(self, y: Tensor) -> Tensor:
+        x = self.net(y)
+        if self.linear is not None:
+            x = x + self.linear(y)
+        return x.clamp(0.0, 1.0)
+
+
+def _centre_input(conv: nn.Conv2d) -> None:
+    """conv(x - 0.5) = conv(x) - 0.5 * sum of the kernel, per output channel (exact under
+    replicate or no padding: both commute with a constant shift)."""
+    conv.bias.sub_(0.5 * conv.weight.sum(dim=(1, 2, 3)))
 
 
 @torch.no_grad()
@@ -229,10 +250,12 @@ def fold_encoder(model: CompressiveAutoencoder, pad_mode: str = "native") -> Fol
     """An inference copy of `model.encoder` with BN and the ``- 0.5`` folded; `model` is untouched."""
     src = copy.deepcopy(model.encoder).eval()
     layers, convs = _fold_sequence(list(src.net), pad_mode)
-    first = convs[0]
-    # conv(x - 0.5) = conv(x) - 0.5 * sum of the kernel, per output channel
-    first.bias.sub_(0.5 * first.weight.sum(dim=(1, 2, 3)))
-    return FoldedEncoder(*layers).eval()
+    _centre_input(convs[0])
+    linear = None
+    if getattr(src, "linear", None) is not None:
+        (linear,), (lconv,) = _fold_sequence([src.linear], pad_mode)
+        _centre_input(lconv)
+    return FoldedEncoder(nn.Sequential(*layers), linear).eval()
 
 
 @torch.no_grad()
@@ -247,8 +270,15 @@ def fold_decoder(model: CompressiveAutoencoder, pad_mode: str = "native",
     if not isinstance(layers[-1], (PaddedConv, nn.PixelShuffle)):
         raise FoldError("the decoder does not end in a conv (+ pixel shuffle); cannot fold its + 0.5")
     convs[-1].bias.add_(0.5)
-    dec = FoldedDecoder(*layers, Clamp01()).eval()
-    return to_block_shuffles(dec) if shuffle == "block" else dec
+    net = nn.Sequential(*layers)
+    linear = None
+    if getattr(src, "linear", None) is not None:
+        linear = nn.Sequential(*_fold_sequence(list(src.linear), pad_mode)[0])
+    if shuffle == "block":
+        to_block_shuffles(net)
+        if linear is not None:
+            to_block_shuffles(linear)
+    return FoldedDecoder(net, linear).eval()
 
 
 def count_batchnorm(module: nn.Module) -> int:

@@ -4,6 +4,11 @@ Encoder: 5x5 stride-2 convs 3->w1->w2, residual blocks at w2, 5x5 stride-2 conv 
 channels (total stride 8). Decoder mirrors it with sub-pixel (PixelShuffle) upsampling, which
 avoids the checkerboard artefacts of transposed convolutions. Replicate padding everywhere so
 frame borders are not darkened by zeros. Pictures are float tensors in [0, 1], (N, 3, H, W).
+
+With `linear_path` a linear 8x8 block transform runs beside each path (encoder: a stride-8 conv,
+decoder: a 1x1 conv and a pixel shuffle by 8) and the convolutional paths' last convs start at
+zero: training initialises the block transform from the PCA of training blocks, so the codec
+starts as the best linear block codec and the convolutions learn what a linear one cannot.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from .presets import STRIDE, ModelConfig
 
 def conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="replicate")
+
+
+@torch.no_grad()
+def zero_last_conv(net: nn.Module) -> None:
+    """Zero the last conv of `net`: a path added to another then starts as "no correction"."""
+    last = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+    last.weight.zero_()
+    if last.bias is not None:
+        last.bias.zero_()
 
 
 class ResidualBlock(nn.Module):
@@ -40,9 +54,14 @@ class Encoder(nn.Module):
             *[ResidualBlock(cfg.width2, cfg.res_kernel) for _ in range(cfg.res_blocks)],
             conv(cfg.width2, cfg.latent_channels, cfg.kernel, 2),
         )
+        self.linear = nn.Conv2d(3, cfg.latent_channels, STRIDE, stride=STRIDE) if cfg.linear_path else None
+        if self.linear is not None:
+            zero_last_conv(self.net)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x - 0.5)  # centre the input: the first conv then needs no large bias
+        x = x - 0.5  # centre the input: the first conv then needs no large bias
+        y = self.net(x)
+        return y if self.linear is None else y + self.linear(x)
 
 
 class SubPixelUp(nn.Sequential):
@@ -62,10 +81,17 @@ class Decoder(nn.Module):
             SubPixelUp(cfg.width2, cfg.width1, k), nn.BatchNorm2d(cfg.width1), nn.ReLU(inplace=True),
             SubPixelUp(cfg.width1, 3, k),
         )
+        self.linear = None
+        if cfg.linear_path:
+            self.linear = nn.Sequential(nn.Conv2d(cfg.latent_channels, 3 * STRIDE * STRIDE, 1), nn.PixelShuffle(STRIDE))
+            zero_last_conv(self.net)
 
     def forward(self, y: Tensor) -> Tensor:
+        x = self.net(y)
+        if self.linear is not None:
+            x = x + self.linear(y)
         # clamp, not sigmoid: keeps the output linear (and its gradient alive) inside [0, 1]
-        return (self.net(y) + 0.5).clamp(0.0, 1.0)
+        return (x + 0.5).clamp(0.0, 1.0)
 
 
 class CompressiveAutoencoder(nn.Module):
