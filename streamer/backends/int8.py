@@ -34,7 +34,7 @@ the default model of 23 Nov 16:23 (`lite` with the linear path), `python -m stre
 | float32 convs (besides the linear path) | codes equal | decoder vs eager | PSNR drop | speed vs eager fp32 |
 |-----------------------------------------|-------------|------------------|-----------|---------------------|
 | none (all int8)                         | 65.4 %      | 47.9 dB          | 4.69 dB   | 1.71x               |
-| encoder first + last (the backend)      | 96.5 %      | 47.9 dB          | 0.26 dB   | 1.49-1.59x (3 runs) |
+| encoder first + last (the backend)      | 96.5 %      | 47.9 dB          | 0.26 dB   | 1.49-1.59x (4 runs) |
 | encoder first + last, decoder last 2    | 96.5 %      | 48.2 dB          | 0.23 dB   | 1.37x               |
 
 (model calls only, one thread, a shared machine: the eager baseline itself moved between 21.6
