@@ -52,12 +52,13 @@ class AssembledFrame:
 
     def __init__(self, frame_number: int, timestamp_us: int, codes: np.ndarray, have: np.ndarray,
                  lo: np.ndarray | None, hi: np.ndarray | None, prev: "AssembledFrame | None",
-                 first_arrival: float, last_arrival: float) -> None:
+                 first_arrival: float, last_arrival: float, level: int = 0) -> None:
         self.frame_number = frame_number
         self.timestamp_us = timestamp_us  # sender's capture time
         self.codes = codes  # (C, H, W) uint8; missing rows hold the previous frame's codes
         self.have = have  # bool per latent row
         self.lo, self.hi = lo, hi  # minmax range (None: the model's fixed range)
+        self.level = level  # step mode: the quantizer level of the frame's slices
         self._prev = prev if not have.all() else None
         self._latents: torch.Tensor | None = None
         self.first_arrival, self.last_arrival = first_arrival, last_arrival
@@ -84,7 +85,7 @@ class AssembledFrame:
     def latents(self, codec: NeuralCodec) -> torch.Tensor:
         """(1, C, H, W) float32 for `codec.decode_latents` (cached)."""
         if self._latents is None:
-            y = codec.latents(self.codes, self.lo, self.hi)
+            y = codec.latents(self.codes, self.lo, self.hi, self.level)
             if not self.have.all():
                 missing = torch.from_numpy(~self.have)
                 prev = self._prev
@@ -108,6 +109,7 @@ class _Pending:
     have: np.ndarray  # bool per latent row
     first_arrival: float
     last_arrival: float
+    level: int = 0
     slices: int = 0
     saw_last: bool = False
 
@@ -189,6 +191,7 @@ class FrameAssembler:
         pend.codes[:, rows] = p.codes
         if p.lo is not None:  # minmax: every slice of a frame carries the frame's range
             pend.lo, pend.hi = p.lo, p.hi
+        pend.level = h.level  # every slice of a frame is quantized at the frame's level
         pend.have[rows] = True
         pend.slices += 1
         pend.last_arrival = now
@@ -229,7 +232,7 @@ class FrameAssembler:
         if self._prev is not None and self._prev.codes.shape == shape:
             codes = self._prev.codes.copy()
         else:  # nothing to conceal with yet: the middle code (a flat, neutral picture)
-            codes = np.full(shape, (1 << self.codec.bits) // 2, np.uint8)
+            codes = self.codec.neutral_codes(shape)
         return _Pending(number, ts, shape, codes, None, None, np.zeros(shape[1], bool), now, now)
 
     def _flush(self, before: int) -> list[AssembledFrame]:
@@ -243,7 +246,7 @@ class FrameAssembler:
         if self._last_number is not None and p.number > self._last_number + 1:
             self.n.lost += p.number - self._last_number - 1
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,
-                           p.first_arrival, p.last_arrival)
+                           p.first_arrival, p.last_arrival, p.level)
         if f.complete:
             self.n.complete += 1
         else:

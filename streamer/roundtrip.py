@@ -42,7 +42,8 @@ def prepare(frame: np.ndarray, size: int, method: str = "gaussian") -> np.ndarra
     return square if k == 1 else antialias.downsample_frame(square, 1.0 / k, method)
 
 
-def run(source: Path, weights: str, out: Path, max_frames: int | None, slice_bytes: int | None) -> dict:
+def run(source: Path, weights: str, out: Path, max_frames: int | None, slice_bytes: int | None,
+        level: int | None = None) -> dict:
     codec = load_codec(weights)
     size = codec.frame_size
     fps = frame_rate(source)
@@ -53,7 +54,7 @@ def run(source: Path, weights: str, out: Path, max_frames: int | None, slice_byt
             t0 = time.perf_counter()
             frame = prepare(raw, size)
             t1 = time.perf_counter()
-            packets = codec.packets(frame, n, max_packet_bytes=slice_bytes)
+            packets = codec.packets(frame, n, max_packet_bytes=slice_bytes, level=level)
             t2 = time.perf_counter()
             decoded = decode_packets(codec, packets)
             t3 = time.perf_counter()
@@ -74,7 +75,10 @@ def run(source: Path, weights: str, out: Path, max_frames: int | None, slice_byt
         "packet_bytes_per_frame": mean_bytes, "packets_per_frame": len(packets),
         "bits_per_pixel": bitstream.bits_per_pixel(int(round(mean_bytes)), size, size),
         "compression_ratio": bitstream.compression_ratio(int(round(mean_bytes)), size, size),
-        "compression_ratio_payload_only": bitstream.payload_compression_ratio(codec.cfg.model.latent_channels, codec.bits),
+        # fixed-length codes only: range-coded payloads vary with the picture
+        "compression_ratio_payload_only": (None if codec.entropy is not None else
+                                           bitstream.payload_compression_ratio(codec.cfg.model.latent_channels, codec.bits)),
+        "quantizer_level": codec.quantizer.check_level(level), "range_coded": codec.entropy is not None,
         "kbps_at_source_fps": mean_bytes * 8 * fps / 1000, "source_fps": fps,
         "median_ms": {k: float(np.median(v)) for k, v in times.items()},
         "video": str(out / "roundtrip.mp4"),
@@ -88,7 +92,7 @@ def decode_packets(codec: NeuralCodec, packets: list[bytes]) -> np.ndarray:
     parts = [codec.unpack(p) for p in packets]
     codes = np.concatenate([p.codes for p in parts], axis=1)
     first = parts[0]
-    return codec.decode_latents(codec.latents(codes, first.lo, first.hi))
+    return codec.decode_latents(codec.latents(codes, first.lo, first.hi, first.header.level))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,17 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     ap.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     ap.add_argument("--slice-bytes", type=int, default=None, help="split frames into slices of at most this size")
+    ap.add_argument("--level", type=int, default=None,
+                    help="quantizer level of step-mode models (0 = finest step); default: the model's")
     args = ap.parse_args(argv)
     try:
-        r = run(args.source, args.weights, args.out, args.frames, args.slice_bytes)
+        r = run(args.source, args.weights, args.out, args.frames, args.slice_bytes, args.level)
     except (StreamerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    quant = (f"step quantizer level {r['quantizer_level']}, range-coded" if r["range_coded"]
+             else f"{r['bits']} bit, {r['quantizer']} range")
+    payload = r["compression_ratio_payload_only"]
     print(f"{r['frames']} frames of {r['source']} through '{r['weights']}' ({r['preset']}, "
-          f"{r['latent_channels']} ch x {r['bits']} bit, {r['quantizer']} range)")
+          f"{r['latent_channels']} ch, {quant})")
     print(f"PSNR {r['psnr_db_mean_of_frames']:.2f} dB (mean of frames), {r['bits_per_pixel']:.3f} bpp, "
-          f"compression ratio {r['compression_ratio']:.2f} (payload alone {r['compression_ratio_payload_only']:.2f}), "
-          f"{r['kbps_at_source_fps']:.0f} kbps at {r['source_fps']:.0f} fps")
+          f"compression ratio {r['compression_ratio']:.2f}"
+          + (f" (payload alone {payload:.2f})" if payload else "")
+          + f", {r['kbps_at_source_fps']:.0f} kbps at {r['source_fps']:.0f} fps")
     print(f"wrote {r['video']} (original | decoded) and {args.out / 'roundtrip.json'}")
     return 0
 

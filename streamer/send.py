@@ -26,7 +26,7 @@ import numpy as np
 
 from . import transport as T
 from .assembler import codes_crc
-from .codec import NeuralCodec, bitstream
+from .codec import NeuralCodec
 from .metrics import psnr
 from .receive import jpeg
 from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
@@ -40,8 +40,11 @@ class Sender:
     def __init__(self, codec: NeuralCodec, source: FrameSource, sig: Signaling, cfg: T.TransportConfig, *,
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, level: int | None = None) -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
+        # step-mode models: the quantizer level (step size) frames are sent at; a rate
+        # controller would change it per frame (the level travels in every packet)
+        self.level = codec.quantizer.check_level(level)
         self.ice, self.stun = ice_addresses, list(stun)
         self.measure, self.share_original, self.quiet = measure, share_original, quiet
         self.loss, self.loss_seconds = loss, loss_seconds
@@ -106,8 +109,8 @@ class Sender:
     # -- frames ----------------------------------------------------------------------------
     def _encode(self, cap: CapturedFrame, number: int) -> tuple[list[bytes], Any, float]:
         t0 = time.perf_counter()
-        q = self.codec.encode(cap.image)
-        packets = bitstream.pack_frame(q, self.codec.model_id, number, cap.timestamp_us, self.cfg.max_packet_bytes)
+        q = self.codec.encode(cap.image, self.level)
+        packets = self.codec.pack(q, number, cap.timestamp_us, self.cfg.max_packet_bytes)
         return packets, q, (time.perf_counter() - t0) * 1000
 
     async def capture_loop(self) -> None:
@@ -260,6 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | browser | PATH")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
     ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own)")
+    ap.add_argument("--level", type=int, default=None,
+                    help="quantizer level of step-mode models: 0 = finest step (most bits); default: the model's")
     ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
                     help="slices: one-chunk slices, no retransmission (default); lifetime: whole frames "
                     "with a packet lifetime")
@@ -287,6 +292,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     T.tune_sctp(args.sctp_rto_min)
     codec = T.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
                           args.backend_cache)
+    codec.quantizer.check_level(args.level)  # a bad --level: say so before joining the room
     size = args.size or codec.frame_size
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
     sig = Signaling(server, room, token, "sender", name="streamer.send")
@@ -300,7 +306,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
               f"{args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
-                quiet=args.quiet)
+                quiet=args.quiet, level=args.level)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

@@ -90,8 +90,8 @@ def test_parser_rejects_foreign_version_model_and_shape():
         return body + struct.pack(">I", zlib.crc32(body))
 
     body = bytearray(good[:-4])
-    body[4] = 2  # version
-    with pytest.raises(PacketError, match="version 2"):
+    body[4] = 1  # version 1: before levels and range coding
+    with pytest.raises(PacketError, match="version 1"):
         unpack(reseal(bytes(body)))
     body = bytearray(good[:-4])
     body[:4] = b"RIFF"

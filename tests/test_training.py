@@ -71,6 +71,45 @@ def test_stage2_freeze_bn_keeps_decoder_statistics_and_trains_its_weights(tmp_pa
     assert any(not torch.equal(final[k], start[k]) for k in dec), "stage 2 did not train the decoder"
 
 
+def test_stage2_step_mode_exports_entropy_tables_that_code_packets(tmp_path):
+    """A step-mode stage 2 trains through every level and ships tables fitted on training codes:
+    the exported codec range-codes packets smaller than raw codes and decodes them exactly."""
+    from streamer.codec import NeuralCodec
+    from streamer.codec.bitstream import CODING_RANGE, unpack
+    from streamer.errors import PacketError
+
+    args = tiny_config(tmp_path, stages=(1, 2), steps1=30, steps2=10) + [
+        "--set", 'quantizer.mode="step"', "--set", "quantizer.bits=8",
+        "--set", "quantizer.steps=[0.05, 0.1, 0.2]", "--set", "quantizer.level=1"]
+    train(args)
+    codec = NeuralCodec.load(tmp_path / "run" / "best.json")
+    q = codec.cfg.quantizer
+    assert q.mode == "step" and q.steps == [0.05, 0.1, 0.2] and q.level == 1 and codec.levels == 3
+    counts = codec.cfg.entropy_counts
+    assert counts is not None and counts.shape == (3, 8, 256)
+    sizes = codec.alphabet_sizes()
+    for lv in range(3):  # every table counts the same training positions, none beyond its alphabet
+        assert len(set(counts[lv].sum(axis=1).tolist())) == 1
+        assert all(counts[lv, c, sizes[lv][c]:].sum() == 0 for c in range(8))
+    frames = train_frames_like_the_tiny_config()
+    codings = []
+    for lv in range(3):
+        qz = codec.encode(frames[0], lv)
+        (packet,) = codec.pack(qz, 0, 0)
+        p = codec.unpack(packet)
+        assert p.header.level == lv and np.array_equal(p.codes, qz.codes)
+        codings.append(p.header.coding)
+        if p.header.coding == CODING_RANGE:
+            with pytest.raises(PacketError, match="entropy tables"):
+                unpack(packet)  # without the model's tables a range-coded packet cannot be read
+    assert CODING_RANGE in codings, codings
+
+
+def train_frames_like_the_tiny_config() -> np.ndarray:
+    from training.train import synthetic_frames
+    return synthetic_frames(4, 32, seed=0)
+
+
 def test_resume_continues_from_checkpoint(tmp_path):
     args = tiny_config(tmp_path, stages=(1,), steps1=10)
     train(args)

@@ -40,6 +40,7 @@ from streamer.backends import add_backend_arguments, apply_backend
 from streamer.codec import NeuralCodec
 from streamer.codec.bitstream import compression_ratio
 from streamer.errors import StreamerError
+from streamer.roundtrip import decode_packets
 
 from . import data as D
 from .metrics import ms_ssim, mse_uint8, summarize_psnr
@@ -127,6 +128,34 @@ def load_clips(root: Path, size: int, per_clip: int, cache_dir: Path | None = Pa
         sampled = sorted(set(np.linspace(0, len(frames) - 1, num=min(per_clip, len(frames))).round().astype(int).tolist()))
         clips.append(Clip(path.name, fps, frames, sampled))
     return clips
+
+
+# -- the neural codec -----------------------------------------------------------------------------
+
+def neural_points(codec: NeuralCodec, extra_bits: tuple[int, ...]) -> list[tuple[str, NeuralCodec, int | None]]:
+    """(label, codec, level) of each operating point, the model's default first."""
+    if codec.cfg.quantizer.mode == "step":
+        steps, default = codec.cfg.quantizer.steps, codec.cfg.quantizer.level
+        order = [default] + [lv for lv in range(len(steps)) if lv != default]
+        return [(f"level {lv} (step {steps[lv]:g})" + (", default" if lv == default else ""), codec, lv)
+                for lv in order]
+    from streamer.codec.quantizer import QuantizerConfig
+    from streamer.codec.weights import CodecConfig
+
+    points: list[tuple[str, NeuralCodec, int | None]] = [(f"{codec.bits} bit", codec, None)]
+    for bits in (b for b in extra_bits if b < codec.bits):
+        qc = QuantizerConfig.from_dict({**codec.cfg.quantizer.to_dict(), "bits": bits})
+        cfg = CodecConfig(codec.cfg.preset, codec.cfg.model, qc, codec.cfg.frame_size, {})
+        c = NeuralCodec(cfg, codec.model, codec.model_id ^ bits, name=f"{codec.name}-{bits}bit")
+        c.encoder, c.decoder, c.backend = codec.encoder, codec.decoder, codec.backend  # same runtime
+        points.append((f"{bits} bit (re-quantized, not retrained)", c, None))
+    return points
+
+
+def packet_roundtrip(codec: NeuralCodec, frame: np.ndarray, n: int, level: int | None) -> tuple[int, np.ndarray]:
+    """(bytes on the wire, decoded frame): encode, pack, unpack every slice, decode."""
+    pkts = codec.packets(frame, n, 0, level=level)
+    return sum(len(p) for p in pkts), decode_packets(codec, pkts)
 
 
 # -- image codecs ---------------------------------------------------------------------------------
@@ -230,33 +259,36 @@ def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str =
     log(f"{len(clips)} sources, {len(measured)} measured frames at {size} px ({time.time() - t0:.0f} s)")
     results: list[Result] = []
 
-    # the neural codec, at its own bit depth and re-quantized to fewer bits
-    from streamer.codec.weights import CodecConfig
-    from streamer.codec.quantizer import QuantizerConfig
-
+    # the neural codec: step mode at each of its levels (default first), fixed mode at its own bit
+    # depth and re-quantized to fewer bits. Every point goes through real packets (range coding
+    # included) and back through `unpack`.
     neural_bytes: list[int] = []
-    for bits in (codec.bits, *[b for b in extra_bits if b < codec.bits]):
-        if bits == codec.bits:
-            c = codec
-        else:
-            qc = QuantizerConfig.from_dict({**codec.cfg.quantizer.to_dict(), "bits": bits})
-            cfg = CodecConfig(codec.cfg.preset, codec.cfg.model, qc, codec.cfg.frame_size, {})
-            c = NeuralCodec(cfg, codec.model, codec.model_id ^ bits, name=f"{codec.name}-{bits}bit")
-            c.encoder, c.decoder, c.backend = codec.encoder, codec.decoder, codec.backend  # same runtime
-        r = Result("neural", f"{bits} bit" + ("" if bits == codec.bits else " (re-quantized, not retrained)"))
+    level_bytes: dict[str, list[int]] = {}
+    for label, c, level in neural_points(codec, extra_bits):
+        r = Result("neural", label)
+        sizes = []
         for n, (clip, i) in enumerate(measured):
-            frame = clip.frames[i]
-            pkts = c.packets(frame, n, 0)
-            nbytes = sum(len(p) for p in pkts)
-            _, out = c.decode_packet(pkts[0]) if len(pkts) == 1 else (None, c.decode(c.encode(frame)))
-            r.add(frame, out, nbytes)
-            if bits == codec.bits:
-                neural_bytes.append(nbytes)
-        if bits == codec.bits:
-            r.extra["packet_bytes_224"] = int(np.median(neural_bytes))
+            nbytes, out = packet_roundtrip(c, clip.frames[i], n, level)
+            r.add(clip.frames[i], out, nbytes)
+            sizes.append(nbytes)
+        if not neural_bytes:  # the default operating point: what the image codecs are matched to
+            neural_bytes = sizes
+            r.extra["packet_bytes_224"] = int(np.median(sizes))
+            r.extra["default"] = True
+        if level is not None:
+            r.extra.update(level=level, step=codec.cfg.quantizer.steps[level])
+            level_bytes[label] = sizes
         results.append(r)
-        log(f"neural {bits} bit: {r.summary()['psnr_mean_of_frames']:.2f} dB at {r.summary()['bpp']:.3f} bpp")
+        log(f"neural {label}: {r.summary()['psnr_mean_of_frames']:.2f} dB at {r.summary()['bpp']:.3f} bpp")
     target_bpp = results[0].summary()["bpp"]
+
+    # JPEG matched to every other step-mode level too: the comparison at each rate, not one
+    for label, sizes in list(level_bytes.items())[1:]:
+        r = Result("jpeg", f"matched to neural {label}")
+        for (clip, i), nb in zip(measured, sizes):
+            data, out, _ = matched_quality(clip.frames[i], "JPEG", nb)
+            r.add(clip.frames[i], out, len(data))
+        results.append(r)
 
     # image codecs: matched to the neural codec's bytes frame by frame, then fixed settings
     for name, fmt, fixed in (("jpeg", "JPEG", JPEG_QUALITIES), ("webp", "WEBP", WEBP_QUALITIES),
@@ -310,6 +342,8 @@ def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str =
     return {"weights": str(weights), "model_id": f"{codec.model_id:08x}", "preset": codec.cfg.preset,
             "backend": codec.backend,
             "latent_channels": codec.cfg.model.latent_channels, "bits": codec.bits,
+            "quantizer": (f"step {codec.cfg.quantizer.steps[codec.cfg.quantizer.level]:g}, range-coded"
+                          if codec.cfg.quantizer.mode == "step" else f"{codec.bits} bit {codec.cfg.quantizer.mode}"),
             "frame_size": size, "data": str(data_dir), "frames_per_clip": per_clip,
             "sources": len(clips), "frames_measured": len(measured),
             "compression_ratio_packet": compression_ratio(results[0].extra.get("packet_bytes_224", 0) or 1, size, size),
@@ -333,7 +367,7 @@ def plot(report: dict, path: Path) -> None:
         for ax, key in zip(axes, ("psnr_mean_of_frames", "ms_ssim")):
             ax.plot([r["bpp"] for r in pts], [r[key] for r in pts], styles[codec], label=label, ms=4)
             for r in pts:
-                if r["point"] == "matched bpp" or (codec == "neural" and r["point"].startswith(str(report["bits"]))):
+                if r["point"] == "matched bpp" or r.get("default"):
                     ax.plot(r["bpp"], r[key], "o", mfc="none", mec="k", ms=10)
     for ax, ylabel in zip(axes, ("PSNR, mean of frames (dB)", "MS-SSIM")):
         ax.set_xlabel("bits per pixel (real packet / file sizes)")
@@ -341,7 +375,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{report['weights']} ({report['preset']}, {report['latent_channels']} ch x {report['bits']} bit) "
+    fig.suptitle(f"{report['weights']} ({report['preset']}, {report['latent_channels']} ch, {report['quantizer']}) "
                  f"on {Path(report['data']).name}: {report['frames_measured']} frames at {report['frame_size']} px; "
                  "circled: matched to the neural codec", fontsize=9)
     fig.tight_layout()

@@ -5,11 +5,13 @@
 
 Stage 1 trains encoder + decoder with the quantizer bypassed. Stage 2 loads the best stage-1
 model (by validation PSNR), freezes the encoder (eval mode, so its batch-norm statistics stay put,
-and requires_grad False), calibrates the per-channel fixed quantizer range on training latents
-and fine-tunes the decoder through the quantizer (straight-through estimator).
+and requires_grad False), calibrates the per-channel quantizer range on training latents
+and fine-tunes the decoder through the quantizer (straight-through estimator). With a step-mode
+quantizer (several step sizes, entropy-coded) each batch goes through a random level, so one
+decoder serves them all, and every export carries entropy tables fitted on training latents.
 
 The config is a TOML file whose sections go straight to constructors:
-  [model] -> streamer.codec.get_preset(**)   [quantizer] -> bits, coverage (fixed-range calibration)
+  [model] -> streamer.codec.get_preset(**)   [quantizer] -> bits, mode, steps, level, coverage
   [data]  -> DataConfig(**)                  [stage1], [stage2] -> StageConfig(**)
 Top-level keys: name, seed, threads, out_dir, log_dir, export, frame_size, stages, machine,
 init_from (stage-1 codec weights for a stage-2-only run, e.g. the seed's experiments 3, 5, 7).
@@ -109,8 +111,8 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.model, self.quantizer = model, quantizer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(self.quantizer(self.model.encoder(x)))
+    def forward(self, x: torch.Tensor, level: int | None = None) -> torch.Tensor:
+        return self.model.decoder(self.quantizer(self.model.encoder(x), level))
 
 
 def set_train_mode(net: Autoencoder, stage: int, freeze_bn: bool = False) -> None:
@@ -270,6 +272,20 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     # cpu-lite stage-1 model, val PSNR quantized: 0.999 34.20, 0.9995 34.69, 0.9999 35.54,
     # full min..max 35.35 dB.
     coverage = float(qcfg_base.get("coverage", 0.9999))
+    unknown = set(qcfg_base) - {"bits", "mode", "steps", "level", "coverage"}
+    if unknown:
+        raise SystemExit(f"config error: unknown [quantizer] key(s) {sorted(unknown)}")
+
+    def target_quantizer() -> QuantizerConfig:
+        """What stage 2 trains and exports: 'fixed' (2^bits levels per channel) or 'step'."""
+        return QuantizerConfig(bits=bits, mode=str(qcfg_base.get("mode", "fixed")),
+                               steps=[float(v) for v in qcfg_base.get("steps", [])],
+                               level=int(qcfg_base.get("level", 0)))
+    try:
+        target_quantizer().validate(mcfg.latent_channels)
+    except Exception as e:  # a bad [quantizer] section: say so before any work
+        raise SystemExit(f"config error in [quantizer]: {e}") from None
+    entropy_counts: list[np.ndarray | None] = [None]  # fitted with the range (step mode)
     quantizer = Quantizer(QuantizerConfig(bits=bits, mode="bypass"), mcfg.latent_channels)
     net = Autoencoder(model, quantizer).to(device)
 
@@ -281,7 +297,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         model_state, opt_tensors, info = load_checkpoint(out_dir)
         net.model.load_state_dict(model_state)
         state.update(info["state"])
-        if info.get("quantizer", {}).get("mode") == "fixed":
+        if info.get("quantizer", {}).get("mode") in ("fixed", "step"):
             quantizer.cfg = QuantizerConfig.from_dict(info["quantizer"])
             quantizer.lo.copy_(torch.tensor(quantizer.cfg.lo))
             quantizer.hi.copy_(torch.tensor(quantizer.cfg.hi))
@@ -297,6 +313,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         return codec_weights.CodecConfig(
             preset=preset, model=mcfg, quantizer=QuantizerConfig.from_dict(quantizer.cfg.to_dict()),
             frame_size=int(cfg["frame_size"]),
+            entropy_counts=entropy_counts[0] if quantizer.cfg.mode == "step" else None,
             training={"command": "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv),
                       "config": str(args.config), "stage": stage, "step": state["step"],
                       "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -308,9 +325,12 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
 
     @torch.no_grad()
     def calibrate() -> None:
-        """The fixed per-channel range from training latents (deterministic: same on all ranks)."""
+        """The per-channel range from training latents (deterministic: same on all ranks); in
+        step mode also the entropy tables, from the codes of more training frames."""
         frames = D.CentreCrops(train_cache, cfg["frame_size"]).frames
-        pick = np.linspace(0, len(frames) - 1, num=min(256, len(frames))).round().astype(int)
+        tq = target_quantizer()
+        count = 1024 if tq.mode == "step" else 256
+        pick = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
         net.model.encoder.eval()
         latents = []
         by_side: dict[int, list[np.ndarray]] = {}
@@ -320,9 +340,16 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             for j in range(0, len(fs), 32):
                 x = torch.from_numpy(np.stack(fs[j:j + 32])).permute(0, 3, 1, 2).float().div(255).to(device)
                 latents.append(net.model.encoder(x).transpose(0, 1).flatten(1).cpu())  # (C, N*h*w)
-        quantizer.cfg.mode = "fixed"
-        quantizer.cfg.bits = bits
-        quantizer.calibrate(torch.cat(latents, dim=1)[None, :, :, None], coverage=coverage)
+        quantizer.cfg = tq
+        flat = torch.cat(latents, dim=1)[None, :, :, None]
+        quantizer.calibrate(flat, coverage=coverage)
+        if tq.mode == "step":
+            from streamer.codec import entropy
+            tables = []
+            for lv in range(len(tq.steps)):
+                codes = quantizer.quantize(flat, lv)[0].codes[None]
+                tables.append(entropy.fit(codes, quantizer.grid(lv)[1]))
+            entropy_counts[0] = np.stack(tables)
 
     def export(path: Path, stage: int) -> None:
         """Codec weights (safetensors + JSON), written next to each other then renamed into place."""
@@ -366,13 +393,17 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             for p in net.model.encoder.parameters():
                 p.requires_grad_(False)
             net.model.encoder.eval()
+            if not fresh and quantizer.cfg.mode == "step" and entropy_counts[0] is None:
+                calibrate()  # resumed: the frozen encoder gives the same range and tables again
             if fresh:
                 calibrate()
                 q = validate(net, val_frames)
                 state["metrics"]["quantized_before_stage2"] = q
                 state["best_psnr"] = q["psnr"]
                 if master:
-                    print(f"stage 2: calibrated {bits}-bit fixed range; val PSNR quantized before "
+                    what = (f"steps {quantizer.cfg.steps} (validated at level {quantizer.cfg.level})"
+                            if quantizer.cfg.mode == "step" else f"{bits}-bit fixed range")
+                    print(f"stage 2: calibrated {what}; val PSNR quantized before "
                           f"fine-tuning {q['psnr']:.2f} dB", flush=True)
                     writer.add_scalar("val/psnr_quantized_before_stage2", q["psnr"], state["step"])
                     export(out_dir / "best", 2)
@@ -443,7 +474,6 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                             export(out_dir / "best-stage1", 1)  # bypass quantizer: the stage-2 start
                             if cfg.get("export") or 2 in cfg["stages"]:  # a usable codec right away
                                 saved = quantizer.cfg
-                                quantizer.cfg = QuantizerConfig(bits=bits, mode="fixed")
                                 lo, hi = quantizer.lo.clone(), quantizer.hi.clone()
                                 calibrate()
                                 set_train_mode(net, stage, sc.freeze_bn)
@@ -472,7 +502,10 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = lr
             x = get_batch()
-            y = train_net(x)
+            # step mode: a random level per batch, so the decoder learns every step size
+            level = (int(torch.randint(len(quantizer.cfg.steps), (1,), generator=gen))
+                     if stage == 2 and quantizer.cfg.mode == "step" else None)
+            y = train_net(x, level)
             loss = torch.nn.functional.mse_loss(y, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()

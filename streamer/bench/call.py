@@ -343,7 +343,6 @@ async def _transport_run(mode: str, args: argparse.Namespace, packets_of: Any, c
 
 def transport_only(args: argparse.Namespace) -> dict[str, Any]:
     from streamer import transport as T
-    from streamer.codec import bitstream
     from streamer.sources import open_source
 
     codec = T.load_codec(args.weights, "eager", args.threads)
@@ -359,7 +358,7 @@ def transport_only(args: argparse.Namespace) -> dict[str, Any]:
     src.close()
 
     def packets_of(n: int, ts: int, max_bytes: int | None) -> list[bytes]:
-        return bitstream.pack_frame(frames[n % len(frames)], codec.model_id, n, ts, max_bytes)
+        return codec.pack(frames[n % len(frames)], n, ts, max_bytes)
 
     modes = ["slices", "lifetime"] if args.transport == "both" else [args.transport]
     runs = [asyncio.run(_transport_run(m, args, packets_of, codec)) for m in modes]

@@ -6,7 +6,8 @@ centre-cropped to the size):
 * encode: `codec.encode_batch(frames)`, uint8 frames in, quantized codes (NumPy) out: tensor
   conversion, the encoder and the quantizer;
 * decode: codes to uint8 pictures: dequantize, the decoder, conversion back;
-* pack / unpack: `bitstream.pack_frame` of each frame's codes / `bitstream.unpack` of each packet
+* pack / unpack: `NeuralCodec.pack` of each frame's codes / `NeuralCodec.unpack` of each packet
+  (range coding included when the model has entropy tables)
   (no model involved: measured once per preset, size and batch and shown on each of its rows).
 
 Times are per call (a whole batch), median and 99th percentile over --repeats calls after warm-up
@@ -44,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..codec import NeuralCodec, bitstream
+from ..codec import NeuralCodec
 from ..codec.codec import to_uint8
 from ..codec.presets import PRESETS
 from ..errors import StreamerError, WeightsError
@@ -110,19 +111,16 @@ class Subject:
     def encode(self, frames: np.ndarray) -> list[Any]:
         return self.codec.encode_batch(frames)
 
-    def decode(self, codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    def decode(self, qs: list[Any]) -> np.ndarray:
         with torch.inference_mode():
-            return to_uint8(self.codec.decoder(dequantize_batch(codes, lo, hi, self.codec.bits)))
+            return to_uint8(self.codec.decoder(latents_batch(self.codec, qs)))
 
     def step(self, frames: np.ndarray, record: bool) -> None:
         c0 = time.thread_time()
         t0 = time.perf_counter()
         qs = self.encode(frames)
-        t1 = time.perf_counter()
-        codes = np.stack([q.codes for q in qs])
-        lo, hi = np.stack([q.lo for q in qs]), np.stack([q.hi for q in qs])
-        t2 = time.perf_counter()
-        self.decode(codes, lo, hi)
+        t2 = t1 = time.perf_counter()
+        self.decode(qs)
         t3 = time.perf_counter()
         c3 = time.thread_time()
         if record:
@@ -132,12 +130,9 @@ class Subject:
             self.times["enc_dec_cpu"].append(c3 - c0)
 
 
-def dequantize_batch(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> torch.Tensor:
-    """(N, C, H, W) codes with per-frame (N, C) ranges -> latents, as each frame's receiver does."""
-    levels = (1 << bits) - 1
-    lo_t = torch.from_numpy(lo).view(*lo.shape, 1, 1)
-    hi_t = torch.from_numpy(hi).view(*hi.shape, 1, 1)
-    return lo_t + torch.from_numpy(codes).float() * ((hi_t - lo_t) / levels)
+def latents_batch(codec: NeuralCodec, qs: list[Any]) -> torch.Tensor:
+    """Each frame's codes dequantized as its receiver does (`NeuralCodec.latents`), stacked."""
+    return torch.cat([codec.latents(q.codes, q.lo, q.hi, q.level) for q in qs])
 
 
 def stats(ts: list[float]) -> dict[str, float]:
@@ -147,16 +142,16 @@ def stats(ts: list[float]) -> dict[str, float]:
 
 def time_pack(codec: NeuralCodec, frames: np.ndarray, repeats: int) -> tuple[dict[str, float], dict[str, float], int]:
     qs = codec.encode_batch(frames)
-    packets = [bitstream.pack_frame(q, codec.model_id, i, 0) for i, q in enumerate(qs)]
+    packets = [codec.pack(q, i, 0) for i, q in enumerate(qs)]
     pack_t, unpack_t = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i, q in enumerate(qs):
-            bitstream.pack_frame(q, codec.model_id, i, 0)
+            codec.pack(q, i, 0)
         t1 = time.perf_counter()
         for ps in packets:
             for p in ps:
-                bitstream.unpack(p)
+                codec.unpack(p)
         t2 = time.perf_counter()
         pack_t.append(t1 - t0)
         unpack_t.append(t2 - t1)

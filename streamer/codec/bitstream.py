@@ -1,31 +1,35 @@
-"""Frame packets: a versioned header, quantizer side information, and bit-packed codes.
+"""Frame packets: a versioned header, quantizer side information, and the codes (bit-packed or
+range-coded).
 
 A frame's latents (C, H, W) travel as one or more *slices*: each slice carries a band of latent
 rows [row_start, row_start + row_count) for all channels and is decodable on its own, so a lost
 slice costs only its rows (the receiver conceals them) and a slice can fit one SCTP chunk.
 
-Layout (big-endian), version 1::
+Layout (big-endian), version 2::
 
     offset size  field
      0     4     magic  b"NVCF"
      4     1     version
-     5     1     coding        0 = raw bit-packed codes (entropy coding slots in as 1)
+     5     1     coding        0 = raw bit-packed codes, 1 = range-coded (entropy.py tables)
      6     1     frame_type    0 = intra (inter-frame coding slots in as 1)
      7     1     bits          1..8 bits per code
-     8     1     quant_mode    0 = fixed range, 1 = per-frame per-channel min/max
-     9     1     flags         reserved, 0
+     8     1     quant_mode    0 = fixed range, 1 = per-frame per-channel min/max, 2 = step
+     9     1     level         step mode: the quantizer level (step size index); else 0
     10     4     model_id      CRC32 of the model's config and weights (see weights.py)
     14     4     frame_number
     18     8     timestamp_us  sender's capture time, microseconds since the epoch
     26     2x3   channels, height, width   the whole frame's latent shape
     32     2x2   row_start, row_count      this slice's latent rows
     36     2     side_len      bytes of side information (minmax: C float16 lo, then C hi)
-    38     4     payload_len   bytes of packed codes = ceil(C * row_count * width * bits / 8)
+    38     4     payload_len   raw: ceil(C * row_count * width * bits / 8) bytes of packed codes;
+                               range-coded: whole 32-bit words, fewer bytes than raw
     42     ...   side information, payload
     end-4  4     CRC32 of everything before it
 
 Codes are packed MSB-first in (channel, row, column) order: 6-bit codes take exactly 6 bits.
+The sender range-codes a slice when the model has entropy tables and that is smaller, per slice.
 `unpack` is strict: anything else raises `PacketError` and nothing but `PacketError`.
+Version 1 (no levels, no range coding) is refused with a message naming the version.
 """
 
 from __future__ import annotations
@@ -33,18 +37,21 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import PacketError
+from .entropy import EntropyCoder
 from .quantizer import Quantized
 
 MAGIC = b"NVCF"
-VERSION = 1
+VERSION = 2
 CODING_RAW = 0
+CODING_RANGE = 1
+CODINGS = {CODING_RAW: "raw", CODING_RANGE: "range"}
 FRAME_INTRA = 0
-QUANT_MODES = {"fixed": 0, "minmax": 1}
+QUANT_MODES = {"fixed": 0, "minmax": 1, "step": 2}
 QUANT_NAMES = {v: k for k, v in QUANT_MODES.items()}
 
 _HEADER = struct.Struct(">4sBBBBBBIIQHHHHHHI")
@@ -69,6 +76,7 @@ class PacketHeader:
     row_count: int
     bits: int
     quant_mode: str
+    level: int = 0
     coding: int = CODING_RAW
     frame_type: int = FRAME_INTRA
     version: int = VERSION
@@ -147,8 +155,9 @@ def side_bytes(quant_mode: str, channels: int) -> int:
 
 
 def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
-         hi: np.ndarray | None = None) -> bytes:
-    """One packet for one slice. `codes` is (channels, row_count, width) uint8."""
+         hi: np.ndarray | None = None, coder: EntropyCoder | None = None) -> bytes:
+    """One packet for one slice. `codes` is (channels, row_count, width) uint8; a range-coded
+    header (coding 1) needs the model's `coder`."""
     h = header
     if codes.shape != (h.channels, h.row_count, h.width):
         raise ValueError(f"codes shape {codes.shape} does not match header {(h.channels, h.row_count, h.width)}")
@@ -157,8 +166,13 @@ def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
         if lo is None or hi is None:
             raise ValueError("minmax packets need the lo/hi side information")
         side = np.asarray(lo, np.float32).astype(">f2").tobytes() + np.asarray(hi, np.float32).astype(">f2").tobytes()
-    payload = pack_bits(codes, h.bits)
-    head = _HEADER.pack(MAGIC, h.version, h.coding, h.frame_type, h.bits, QUANT_MODES[h.quant_mode], 0,
+    if h.coding == CODING_RANGE:
+        if coder is None:
+            raise ValueError("a range-coded packet needs the model's entropy coder")
+        payload = coder.encode(codes, h.level)
+    else:
+        payload = pack_bits(codes, h.bits)
+    head = _HEADER.pack(MAGIC, h.version, h.coding, h.frame_type, h.bits, QUANT_MODES[h.quant_mode], h.level,
                         h.model_id, h.frame_number, h.timestamp_us, h.channels, h.height, h.width,
                         h.row_start, h.row_count, len(side), len(payload))
     body = head + side + payload
@@ -180,8 +194,11 @@ def rows_per_slice(q_shape: tuple[int, int, int], bits: int, quant_mode: str,
 
 
 def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int,
-               max_packet_bytes: int | None = None) -> list[bytes]:
-    """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`."""
+               max_packet_bytes: int | None = None, coder: EntropyCoder | None = None) -> list[bytes]:
+    """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`.
+
+    With a `coder` each slice is range-coded, unless raw packing is smaller (a frame the tables
+    fit badly). Slices are sized for raw codes, so either way they fit."""
     channels, height, width = q.codes.shape
     rows = rows_per_slice(q.codes.shape, q.bits, q.mode, max_packet_bytes)
     packets = []
@@ -189,13 +206,21 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
         count = min(rows, height - start)
         header = PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
                               timestamp_us=timestamp_us, channels=channels, height=height, width=width,
-                              row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode)
-        packets.append(pack(header, q.codes[:, start:start + count], q.lo, q.hi))
+                              row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode,
+                              level=q.level)
+        codes = q.codes[:, start:start + count]
+        raw = pack(header, codes, q.lo, q.hi)
+        if coder is not None:
+            ranged = pack(replace(header, coding=CODING_RANGE), codes, q.lo, q.hi, coder)
+            if len(ranged) < len(raw):
+                raw = ranged
+        packets.append(raw)
     return packets
 
 
-def unpack(data: bytes, expect_model_id: int | None = None) -> Packet:
-    """Parse one packet strictly. Every malformed input raises `PacketError` with the reason."""
+def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None) -> Packet:
+    """Parse one packet strictly. Every malformed input raises `PacketError` with the reason.
+    Range-coded packets need the model's `coder` (`NeuralCodec.unpack` passes it)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PacketError(f"a packet is bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -203,22 +228,22 @@ def unpack(data: bytes, expect_model_id: int | None = None) -> Packet:
         raise PacketError(f"packet of {len(data)} bytes is over the {MAX_PACKET_BYTES}-byte limit")
     if len(data) < OVERHEAD_BYTES:
         raise PacketError(f"truncated packet: {len(data)} bytes, a header alone is {OVERHEAD_BYTES}")
-    (magic, version, coding, frame_type, bits, qmode, flags, model_id, frame_number, ts, channels,
+    (magic, version, coding, frame_type, bits, qmode, level, model_id, frame_number, ts, channels,
      height, width, row_start, row_count, side_len, payload_len) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise PacketError(f"not a frame packet (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise PacketError(f"packet format version {version}; this decoder reads version {VERSION}")
-    if coding != CODING_RAW:
-        raise PacketError(f"unsupported coding {coding} (this decoder reads raw codes, 0)")
+    if coding not in CODINGS:
+        raise PacketError(f"unsupported coding {coding} (this decoder reads raw 0 and range-coded 1)")
     if frame_type != FRAME_INTRA:
         raise PacketError(f"unsupported frame type {frame_type} (this decoder reads intra frames, 0)")
     if not 1 <= bits <= 8:
         raise PacketError(f"bits per code {bits} outside 1..8")
     if qmode not in QUANT_NAMES:
         raise PacketError(f"unknown quantizer mode {qmode}")
-    if flags != 0:
-        raise PacketError(f"unknown flags {flags:#x}")
+    if level != 0 and QUANT_NAMES.get(qmode) != "step":
+        raise PacketError(f"quantizer level {level} in a {QUANT_NAMES.get(qmode)} packet (only step mode has levels)")
     if expect_model_id is not None and model_id != expect_model_id:
         raise PacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
     if not (1 <= channels <= MAX_CHANNELS and 1 <= height <= MAX_LATENT_SIDE and 1 <= width <= MAX_LATENT_SIDE):
@@ -229,8 +254,11 @@ def unpack(data: bytes, expect_model_id: int | None = None) -> Packet:
     if side_len != side_bytes(mode, channels):
         raise PacketError(f"side information of {side_len} bytes, {side_bytes(mode, channels)} expected")
     count = channels * row_count * width
-    if payload_len != packed_size(count, bits):
+    if coding == CODING_RAW and payload_len != packed_size(count, bits):
         raise PacketError(f"payload length {payload_len} does not match {count} codes of {bits} bits")
+    if coding == CODING_RANGE and (payload_len % 4 or payload_len >= packed_size(count, bits)):
+        raise PacketError(f"range-coded payload of {payload_len} bytes: not whole words smaller than "
+                          f"the {packed_size(count, bits)} bytes of raw codes")
     expected = OVERHEAD_BYTES + side_len + payload_len
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "oversized"
@@ -245,12 +273,18 @@ def unpack(data: bytes, expect_model_id: int | None = None) -> Packet:
         if not (np.isfinite(side).all() and (hi >= lo).all()):
             raise PacketError("side information holds a non-finite or inverted range")
     payload = data[HEADER_BYTES + side_len: HEADER_BYTES + side_len + payload_len]
-    codes = unpack_bits(payload, count, bits).reshape(channels, row_count, width)
-    if bits < 8 and (count * bits) % 8 and (payload[-1] & ((1 << (8 - (count * bits) % 8)) - 1)):
-        raise PacketError("non-zero padding bits after the last code")
+    if coding == CODING_RANGE:
+        if coder is None:
+            raise PacketError("range-coded packet, but no entropy tables to decode it with "
+                              "(the model's weights have none)")
+        codes = coder.decode(payload, (channels, row_count, width), level)
+    else:
+        codes = unpack_bits(payload, count, bits).reshape(channels, row_count, width)
+        if bits < 8 and (count * bits) % 8 and (payload[-1] & ((1 << (8 - (count * bits) % 8)) - 1)):
+            raise PacketError("non-zero padding bits after the last code")
     header = PacketHeader(model_id=model_id, frame_number=frame_number, timestamp_us=ts, channels=channels,
                           height=height, width=width, row_start=row_start, row_count=row_count, bits=bits,
-                          quant_mode=mode, coding=coding, frame_type=frame_type, version=version)
+                          quant_mode=mode, level=level, coding=coding, frame_type=frame_type, version=version)
     return Packet(header, codes, lo, hi)
 
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from ..errors import FrameSizeError, PacketError
-from . import bitstream, weights
+from . import bitstream, entropy, weights
 from .model import CompressiveAutoencoder
 from .presets import STRIDE, get_preset
-from .quantizer import Quantized, Quantizer, QuantizerConfig, dequantize
+from .quantizer import Quantized, Quantizer, QuantizerConfig
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -47,6 +47,7 @@ class NeuralCodec:
         self.model_id = model_id
         self.name = name
         self.quantizer = Quantizer(cfg.quantizer, cfg.model.latent_channels)
+        self.entropy = self._entropy_coder(cfg.entropy_counts)
         self.encoder: TensorFn = self.model.encoder
         self.decoder: TensorFn = self.model.decoder
         self.backend = "eager"
@@ -73,6 +74,28 @@ class NeuralCodec:
         codec.model_id = weights.model_id(cfg, state)
         return codec
 
+    def alphabet_sizes(self) -> list[np.ndarray]:
+        """Per quantizer level, each channel's number of codes (step mode: its grid)."""
+        q = self.quantizer
+        if self.cfg.quantizer.mode == "step":
+            return [q.grid(lv)[1] for lv in range(len(self.cfg.quantizer.steps))]
+        return [np.full(self.cfg.model.latent_channels, 1 << self.bits, np.int64)]
+
+    def _entropy_coder(self, counts: np.ndarray | None) -> entropy.EntropyCoder | None:
+        return None if counts is None else entropy.EntropyCoder(counts, self.alphabet_sizes())
+
+    def set_entropy_counts(self, counts: np.ndarray | None) -> None:
+        """Install entropy tables (levels, C, 256), e.g. freshly fitted by training."""
+        if counts is not None:
+            counts = weights.check_counts(np.asarray(counts), self.cfg)
+        self.cfg.entropy_counts = counts
+        self.entropy = self._entropy_coder(counts)
+
+    @property
+    def levels(self) -> int:
+        """Quantizer levels a sender can choose from (step mode: one per step size)."""
+        return len(self.cfg.quantizer.steps) if self.cfg.quantizer.mode == "step" else 1
+
     @property
     def bits(self) -> int:
         return self.cfg.quantizer.bits
@@ -88,23 +111,31 @@ class NeuralCodec:
 
     # -- frames <-> codes ----------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, frame: np.ndarray) -> Quantized:
-        """One uint8 (H, W, 3) frame -> quantized codes (C, H/8, W/8)."""
+    def encode(self, frame: np.ndarray, level: int | None = None) -> Quantized:
+        """One uint8 (H, W, 3) frame -> quantized codes (C, H/8, W/8) at `level` (step mode;
+        None: the model's default level)."""
         self.check_frame(frame)
-        return self.quantizer.quantize(self.encoder(to_tensor(frame)))[0]
+        return self.quantizer.quantize(self.encoder(to_tensor(frame)), level)[0]
 
     @torch.inference_mode()
-    def encode_batch(self, frames: np.ndarray) -> list[Quantized]:
+    def encode_batch(self, frames: np.ndarray, level: int | None = None) -> list[Quantized]:
         if frames.ndim != 4:
             raise FrameSizeError(f"expected (N, H, W, 3) frames, got {frames.shape}")
         self.model.check_size(frames.shape[1], frames.shape[2])
-        return self.quantizer.quantize(self.encoder(to_tensor(frames)))
+        return self.quantizer.quantize(self.encoder(to_tensor(frames)), level)
 
-    def latents(self, codes: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> Tensor:
-        """Dequantized latents (1, C, H, W); lo/hi default to the model's fixed range."""
-        if lo is None or hi is None:
-            lo, hi = self.quantizer.lo.numpy(), self.quantizer.hi.numpy()
-        return dequantize(codes, lo, hi, self.bits)[None]
+    def latents(self, codes: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
+                level: int = 0) -> Tensor:
+        """Dequantized latents (1, C, H, W). lo/hi: a minmax frame's range (default: the model's);
+        level: the step-mode level the codes were made at."""
+        minmax = self.cfg.quantizer.mode == "minmax" and lo is not None and hi is not None
+        c = torch.from_numpy(np.ascontiguousarray(codes)).float()
+        return self.quantizer.dequantize_codes(c, level if self.levels > 1 else None,
+                                               lo if minmax else None, hi if minmax else None)[None]
+
+    def neutral_codes(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Codes that mean 'nothing known' (a receiver with no picture yet)."""
+        return self.quantizer.neutral_codes(shape)
 
     @torch.inference_mode()
     def decode_latents(self, y: Tensor) -> np.ndarray:
@@ -113,24 +144,32 @@ class NeuralCodec:
     def decode(self, q: Quantized) -> np.ndarray:
         """Quantized codes -> uint8 (H, W, 3) frame."""
         lo, hi = (q.lo, q.hi) if q.mode == "minmax" else (None, None)
-        return self.decode_latents(self.latents(q.codes, lo, hi))
+        return self.decode_latents(self.latents(q.codes, lo, hi, q.level))
 
     # -- frames <-> packets --------------------------------------------------------------------
     def packets(self, frame: np.ndarray, frame_number: int, timestamp_us: int | None = None,
-                max_packet_bytes: int | None = None) -> list[bytes]:
+                max_packet_bytes: int | None = None, level: int | None = None) -> list[bytes]:
         """Encode one frame into packets: one, or slices no larger than `max_packet_bytes`."""
         ts = time.time_ns() // 1000 if timestamp_us is None else timestamp_us
-        return bitstream.pack_frame(self.encode(frame), self.model_id, frame_number, ts, max_packet_bytes)
+        return self.pack(self.encode(frame, level), frame_number, ts, max_packet_bytes)
+
+    def pack(self, q: Quantized, frame_number: int, timestamp_us: int,
+             max_packet_bytes: int | None = None) -> list[bytes]:
+        """Quantized codes -> packets, range-coded when the model has entropy tables."""
+        return bitstream.pack_frame(q, self.model_id, frame_number, timestamp_us, max_packet_bytes,
+                                    coder=self.entropy)
 
     def unpack(self, data: bytes) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError)."""
-        p = bitstream.unpack(data, expect_model_id=self.model_id)
+        p = bitstream.unpack(data, expect_model_id=self.model_id, coder=self.entropy)
         h = p.header
         if h.bits != self.bits or h.channels != self.cfg.model.latent_channels:
             raise PacketError(f"packet has {h.channels} channels x {h.bits} bits; this model makes "
                               f"{self.cfg.model.latent_channels} x {self.bits}")
         if h.quant_mode != self.cfg.quantizer.mode:
             raise PacketError(f"packet quantizer mode {h.quant_mode}, model's is {self.cfg.quantizer.mode}")
+        if not 0 <= h.level < self.levels:
+            raise PacketError(f"packet at quantizer level {h.level}; this model has levels 0..{self.levels - 1}")
         return p
 
     def decode_packet(self, data: bytes) -> tuple[bitstream.PacketHeader, np.ndarray]:
@@ -138,7 +177,7 @@ class NeuralCodec:
         p = self.unpack(data)
         if not p.header.is_whole_frame:
             raise PacketError("a slice, not a whole frame: collect slices with a FrameAssembler")
-        return p.header, self.decode_latents(self.latents(p.codes, p.lo, p.hi))
+        return p.header, self.decode_latents(self.latents(p.codes, p.lo, p.hi, p.header.level))
 
 
 def frame_size_ok(height: int, width: int) -> bool:

@@ -6,6 +6,10 @@ The JSON names the architecture and the quantizer, so a file alone rebuilds the 
      "model": {...ModelConfig fields}, "quantizer": {"bits": 6, "mode": "fixed", "lo": [...], "hi": [...]},
      "frame_size": 224, "training": {...free-form provenance}}
 
+Models with entropy coding also hold their probability tables in the safetensors file (key
+`entropy.counts`, (levels, channels, 256) symbol counts, see `entropy.py`); they are part of
+the model id like every weight.
+
 Pickled checkpoints (.pt/.pth/.ckpt/.pkl) are refused: unpickling runs arbitrary code.
 """
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -42,6 +47,8 @@ class CodecConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     frame_size: int = 224
     training: dict[str, Any] = field(default_factory=dict)
+    # entropy tables (levels, C, 256) from the safetensors file; None: raw codes only
+    entropy_counts: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": self.preset,
@@ -118,13 +125,31 @@ def load(name_or_path: str | Path = DEFAULT_NAME) -> tuple[CodecConfig, Compress
         state = load_file(str(st))
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{st}: not a readable safetensors file ({e})") from None
+    mid = model_id(cfg, state)
+    counts = state.pop(ENTROPY_KEY, None)
+    if counts is not None:
+        cfg.entropy_counts = check_counts(counts.numpy(), cfg)
     model = CompressiveAutoencoder(cfg.model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{st} does not match the config in {js.name}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return cfg, model, model_id(cfg, state)
+    return cfg, model, mid
+
+
+ENTROPY_KEY = "entropy.counts"
+
+
+def check_counts(counts: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """Entropy tables must have one (C, 256) table per quantizer level."""
+    levels = len(cfg.quantizer.steps) if cfg.quantizer.mode == "step" else 1
+    want = (levels, cfg.model.latent_channels, 256)
+    if cfg.quantizer.mode not in ("step", "fixed"):
+        raise WeightsError(f"entropy tables with a {cfg.quantizer.mode} quantizer: codes have no fixed meaning")
+    if counts.shape != want or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise WeightsError(f"entropy tables of shape {counts.shape} ({counts.dtype}); expected {want} counts")
+    return counts.astype(np.int64)
 
 
 def save(path: str | Path, cfg: CodecConfig, model: CompressiveAutoencoder) -> tuple[Path, Path]:
@@ -133,6 +158,8 @@ def save(path: str | Path, cfg: CodecConfig, model: CompressiveAutoencoder) -> t
     base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
     base.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.entropy_counts is not None:
+        state[ENTROPY_KEY] = torch.from_numpy(check_counts(np.asarray(cfg.entropy_counts), cfg))
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
     save_file(state, str(st), metadata={"format": FORMAT, "preset": cfg.preset})
     d = cfg.to_dict()
