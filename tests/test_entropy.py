@@ -42,8 +42,9 @@ def laplace_codes(rng: np.random.Generator, sizes: np.ndarray, shape: tuple[int,
 
 def coder_for(sizes: np.ndarray, seed: int = 0) -> EntropyCoder:
     rng = np.random.default_rng(seed)
-    counts = entropy.fit(laplace_codes(rng, sizes, (len(sizes), 64, 64))[None], sizes)
-    return EntropyCoder(counts[None], [sizes])
+    zero = sizes // 2
+    counts = entropy.fit(laplace_codes(rng, sizes, (len(sizes), 64, 64))[None], sizes, zero)
+    return EntropyCoder(counts[None], [sizes], [zero])
 
 
 # -- the step-mode quantizer ------------------------------------------------------------------
@@ -96,15 +97,42 @@ def test_range_coding_round_trips_near_the_ideal_length(shape):
     payload = coder.encode(codes, 0)
     assert len(payload) % 4 == 0
     assert np.array_equal(coder.decode(payload, shape, 0), codes)
-    ideal = coder.estimate_bits(codes, 0) / 8
+    ideal = coder.estimate_bits(codes, 0).sum() / 8
     assert len(payload) <= ideal * 1.01 + 8  # within 1 % and the coder's final words
+
+
+def test_contexts_read_the_row_above_and_mark_first_rows():
+    zero = np.array([5])
+    codes = np.full((1, 3, 4), 5, np.uint8)
+    codes[0, 0, 1] = 5 + 3  # |value| 3 in the first row
+    ctx = entropy.contexts(codes, zero)
+    assert (ctx[0, 0] == entropy.FIRST_ROW).all()  # a slice's first row has nothing above
+    # row 1: columns 0, 1, 2 see the 3 above them (log2(1 + 3) = 2); column 3 sees nothing
+    assert ctx[0, 1].tolist() == [2, 2, 2, 0] and ctx[0, 2].tolist() == [0, 0, 0, 0]
+    big = np.full((1, 2, 1), 255, np.uint8)
+    assert entropy.contexts(big, np.array([0]))[0, 1, 0] == entropy.ACTIVITY_BUCKETS - 1  # capped
+
+
+def test_context_tables_beat_one_table_on_correlated_codes():
+    """Codes whose spread varies smoothly across the picture (as latents do): the activity
+    context must pay for itself."""
+    rng = np.random.default_rng(2)
+    sizes, zero = np.array([256]), np.array([128])
+    scale = np.repeat(np.repeat(rng.choice([0.3, 3.0, 12.0], (1, 8, 8)), 8, 1), 8, 2)
+    codes = lambda: np.clip(np.rint(rng.laplace(0, 1, (1, 64, 64)) * scale) + 128, 0, 255).astype(np.uint8)
+    counts = entropy.fit(np.stack([codes() for _ in range(8)]), sizes, zero)
+    flat = counts.sum(axis=1, keepdims=True).repeat(entropy.CONTEXTS, axis=1)  # one table for all
+    test = codes()
+    with_ctx = EntropyCoder(counts[None], [sizes], [zero])
+    without = EntropyCoder(flat[None], [sizes], [zero])
+    assert len(with_ctx.encode(test, 0)) < 0.95 * len(without.encode(test, 0))  # measured: 0.936
 
 
 def test_codes_the_training_set_never_produced_stay_encodable():
     sizes = np.array([10, 10])
-    counts = np.zeros((1, 2, 256), np.int64)
-    counts[0, :, 5] = 1000  # training only ever saw code 5
-    coder = EntropyCoder(counts, [sizes])
+    counts = np.zeros((1, 2, entropy.CONTEXTS, 256), np.int64)
+    counts[0, :, :, 5] = 1000  # training only ever saw code 5
+    coder = EntropyCoder(counts, [sizes], [sizes // 2])
     codes = np.array([[[0, 9, 5]], [[5, 5, 1]]], np.uint8)
     assert np.array_equal(coder.decode(coder.encode(codes, 0), codes.shape, 0), codes)
     with pytest.raises(ValueError, match="alphabet"):
@@ -120,7 +148,7 @@ def test_decoder_errors_are_typed():
     with pytest.raises(PacketError, match="channels"):
         coder.decode(b"", (3, 2, 2), 0)
     with pytest.raises(WeightsError, match="shape"):
-        EntropyCoder(np.zeros((1, 4, 100)), [np.array([1, 1, 1, 1])])
+        EntropyCoder(np.zeros((1, 4, 100)), [np.array([1, 1, 1, 1])], [np.zeros(4)])
 
 
 # -- range-coded packets ----------------------------------------------------------------------
@@ -148,12 +176,19 @@ def test_packer_range_codes_when_smaller_and_slices_decode_alone():
 
 
 def test_packer_falls_back_to_raw_codes_when_the_tables_fit_badly():
-    _, coder = step_frame()
-    codes = np.zeros((4, 28, 28), np.uint8)  # the alphabets' far ends: codes the tables call rare
+    sizes = np.array([256, 120, 40, 7])
+    counts = np.zeros((1, 4, entropy.CONTEXTS, 256), np.int64)
+    counts[0, np.arange(4), :, sizes // 2] = 10 ** 6  # training only ever saw latent 0
+    coder = EntropyCoder(counts, [sizes], [sizes // 2])
+    rng = np.random.default_rng(3)  # uniform over each alphabet: nothing like the training codes
+    codes = np.stack([rng.integers(0, n, (28, 28)) for n in sizes]).astype(np.uint8)
     q = Quantized(codes, np.zeros(4, np.float32), np.zeros(4, np.float32), 8, "step", 0)
-    (packet,) = pack_frame(q, 9, 1, 2, coder=coder)
-    p = unpack(packet, 9, coder)
-    assert p.header.coding == CODING_RAW and np.array_equal(p.codes, codes)
+    for limit in (None, bitstream.SCTP_CHUNK_BYTES):
+        packets = pack_frame(q, 9, 1, 2, max_packet_bytes=limit, coder=coder)
+        parts = [unpack(p, 9, coder) for p in packets]
+        assert all(p.header.coding == CODING_RAW for p in parts)
+        assert all(len(p) <= (limit or bitstream.MAX_PACKET_BYTES) for p in packets)
+        assert np.array_equal(np.concatenate([p.codes for p in parts], axis=1), codes)
 
 
 def test_range_coded_packet_needs_tables_and_a_sane_length():
@@ -214,8 +249,7 @@ def test_tables_travel_with_the_weights_and_change_the_model_id(tmp_path):
     codec = NeuralCodec(codec.cfg, codec.model, 0)
     frames = (np.random.default_rng(0).random((6, 32, 32, 3)) * 255).astype(np.uint8)
     y = codec.model.encoder(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
-    counts = np.stack([entropy.fit(np.stack([r.codes for r in codec.quantizer.quantize(y, lv)]),
-                                   codec.alphabet_sizes()[lv]) for lv in range(3)])
+    counts = entropy.fit_levels(codec.quantizer, y)
     codec.set_entropy_counts(counts)
     weights.save(tmp_path / "m", codec.cfg, codec.model)
     loaded = NeuralCodec.load(tmp_path / "m.json")

@@ -86,11 +86,11 @@ def test_stage2_step_mode_exports_entropy_tables_that_code_packets(tmp_path):
     q = codec.cfg.quantizer
     assert q.mode == "step" and q.steps == [0.05, 0.1, 0.2] and q.level == 1 and codec.levels == 3
     counts = codec.cfg.entropy_counts
-    assert counts is not None and counts.shape == (3, 8, 256)
-    sizes = codec.alphabet_sizes()
-    for lv in range(3):  # every table counts the same training positions, none beyond its alphabet
-        assert len(set(counts[lv].sum(axis=1).tolist())) == 1
-        assert all(counts[lv, c, sizes[lv][c]:].sum() == 0 for c in range(8))
+    assert counts is not None and counts.shape == (3, 8, 9, 256)
+    for lv in range(3):  # every channel's tables count the same training positions, none beyond its alphabet
+        sizes, _ = codec.quantizer.alphabet(lv)
+        assert len(set(counts[lv].sum(axis=(1, 2)).tolist())) == 1
+        assert all(counts[lv, c, :, sizes[c]:].sum() == 0 for c in range(8))
     frames = train_frames_like_the_tiny_config()
     codings = []
     for lv in range(3):

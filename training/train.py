@@ -336,20 +336,22 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         by_side: dict[int, list[np.ndarray]] = {}
         for i in pick:
             by_side.setdefault(frames[i].shape[0], []).append(frames[i])
-        for fs in by_side.values():
+        whole = []  # full-size frames' latents: the entropy tables learn from whole frames
+        for side, fs in by_side.items():
             for j in range(0, len(fs), 32):
                 x = torch.from_numpy(np.stack(fs[j:j + 32])).permute(0, 3, 1, 2).float().div(255).to(device)
-                latents.append(net.model.encoder(x).transpose(0, 1).flatten(1).cpu())  # (C, N*h*w)
+                y = net.model.encoder(x)
+                latents.append(y.transpose(0, 1).flatten(1).cpu())  # (C, N*h*w)
+                if side == cfg["frame_size"]:
+                    whole.append(y.cpu())
         quantizer.cfg = tq
         flat = torch.cat(latents, dim=1)[None, :, :, None]
         quantizer.calibrate(flat, coverage=coverage)
         if tq.mode == "step":
             from streamer.codec import entropy
-            tables = []
-            for lv in range(len(tq.steps)):
-                codes = quantizer.quantize(flat, lv)[0].codes[None]
-                tables.append(entropy.fit(codes, quantizer.grid(lv)[1]))
-            entropy_counts[0] = np.stack(tables)
+            if not whole:
+                raise SystemExit(f"no training frame of {cfg['frame_size']} px to fit entropy tables on")
+            entropy_counts[0] = entropy.fit_levels(quantizer, torch.cat(whole))
 
     def export(path: Path, stage: int) -> None:
         """Codec weights (safetensors + JSON), written next to each other then renamed into place."""

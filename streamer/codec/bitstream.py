@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def side_bytes(quant_mode: str, channels: int) -> int:
 
 
 def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
-         hi: np.ndarray | None = None, coder: EntropyCoder | None = None) -> bytes:
+         hi: np.ndarray | None = None, coder: EntropyCoder | None = None, check_size: bool = True) -> bytes:
     """One packet for one slice. `codes` is (channels, row_count, width) uint8; a range-coded
     header (coding 1) needs the model's `coder`."""
     h = header
@@ -177,7 +177,7 @@ def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
                         h.row_start, h.row_count, len(side), len(payload))
     body = head + side + payload
     packet = body + struct.pack(">I", zlib.crc32(body))
-    if len(packet) > MAX_PACKET_BYTES:
+    if check_size and len(packet) > MAX_PACKET_BYTES:
         raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_BYTES}; use more slices")
     return packet
 
@@ -197,24 +197,42 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
                max_packet_bytes: int | None = None, coder: EntropyCoder | None = None) -> list[bytes]:
     """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`.
 
-    With a `coder` each slice is range-coded, unless raw packing is smaller (a frame the tables
-    fit badly). Slices are sized for raw codes, so either way they fit."""
+    With a `coder`, slices are range-coded and sized by their estimated coded size (so a slice
+    holds more rows than raw codes would); a slice whose range-coded payload is not smaller than
+    its raw codes, or overshoots the limit, is sent as raw slices instead."""
     channels, height, width = q.codes.shape
-    rows = rows_per_slice(q.codes.shape, q.bits, q.mode, max_packet_bytes)
-    packets = []
-    for start in range(0, height, rows):
-        count = min(rows, height - start)
-        header = PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
-                              timestamp_us=timestamp_us, channels=channels, height=height, width=width,
-                              row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode,
-                              level=q.level)
+
+    def header(start: int, count: int, coding: int = CODING_RAW) -> PacketHeader:
+        return PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
+                            timestamp_us=timestamp_us, channels=channels, height=height, width=width,
+                            row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode,
+                            level=q.level, coding=coding)
+
+    def raw_slices(start: int, stop: int) -> list[bytes]:
+        rows = rows_per_slice(q.codes.shape, q.bits, q.mode, max_packet_bytes)
+        return [pack(header(s, min(rows, stop - s)), q.codes[:, s:s + min(rows, stop - s)], q.lo, q.hi)
+                for s in range(start, stop, rows)]
+
+    if coder is None:
+        return raw_slices(0, height)
+    limit = MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
+    room = limit - OVERHEAD_BYTES - side_bytes(q.mode, channels)
+    row_bytes = coder.estimate_bits(q.codes, q.level) / 8 if max_packet_bytes is not None else None
+    packets: list[bytes] = []
+    start = 0
+    while start < height:
+        count = height - start
+        if row_bytes is not None:  # as many rows as the estimate fits, with 2 % + a word to spare
+            fits = np.cumsum(row_bytes[start:]) * 1.02 + 8 <= room
+            count = max(1, int(fits.sum()))
         codes = q.codes[:, start:start + count]
-        raw = pack(header, codes, q.lo, q.hi)
-        if coder is not None:
-            ranged = pack(replace(header, coding=CODING_RANGE), codes, q.lo, q.hi, coder)
-            if len(ranged) < len(raw):
-                raw = ranged
-        packets.append(raw)
+        ranged = pack(header(start, count, CODING_RANGE), codes, q.lo, q.hi, coder, check_size=False)
+        smaller = len(ranged) - OVERHEAD_BYTES - side_bytes(q.mode, channels) < packed_size(codes.size, q.bits)
+        if smaller and len(ranged) <= limit:
+            packets.append(ranged)
+        else:
+            packets += raw_slices(start, start + count)
+        start += count
     return packets
 
 

@@ -74,15 +74,11 @@ class NeuralCodec:
         codec.model_id = weights.model_id(cfg, state)
         return codec
 
-    def alphabet_sizes(self) -> list[np.ndarray]:
-        """Per quantizer level, each channel's number of codes (step mode: its grid)."""
-        q = self.quantizer
-        if self.cfg.quantizer.mode == "step":
-            return [q.grid(lv)[1] for lv in range(len(self.cfg.quantizer.steps))]
-        return [np.full(self.cfg.model.latent_channels, 1 << self.bits, np.int64)]
-
     def _entropy_coder(self, counts: np.ndarray | None) -> entropy.EntropyCoder | None:
-        return None if counts is None else entropy.EntropyCoder(counts, self.alphabet_sizes())
+        if counts is None:
+            return None
+        alphabets = [self.quantizer.alphabet(lv if self.levels > 1 else None) for lv in range(self.levels)]
+        return entropy.EntropyCoder(counts, [a[0] for a in alphabets], [a[1] for a in alphabets])
 
     def set_entropy_counts(self, counts: np.ndarray | None) -> None:
         """Install entropy tables (levels, C, 256), e.g. freshly fitted by training."""
@@ -125,9 +121,9 @@ class NeuralCodec:
         return self.quantizer.quantize(self.encoder(to_tensor(frames)), level)
 
     def latents(self, codes: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
-                level: int = 0) -> Tensor:
+                level: int | None = None) -> Tensor:
         """Dequantized latents (1, C, H, W). lo/hi: a minmax frame's range (default: the model's);
-        level: the step-mode level the codes were made at."""
+        level: the step-mode level the codes were made at (default: the model's default level)."""
         minmax = self.cfg.quantizer.mode == "minmax" and lo is not None and hi is not None
         c = torch.from_numpy(np.ascontiguousarray(codes)).float()
         return self.quantizer.dequantize_codes(c, level if self.levels > 1 else None,

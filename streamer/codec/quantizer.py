@@ -134,6 +134,15 @@ class Quantizer(torch.nn.Module):
         first = np.clip(first, lo, hi - count + 1)
         return first.astype(np.int64), count.astype(np.int64), step
 
+    def alphabet(self, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel (number of codes, the code nearest latent 0) at a level: what entropy
+        tables are built on. Fixed mode: 2^bits codes, the middle one."""
+        if self.cfg.mode == "step":
+            first, count, _ = self.grid(level)
+            return count, -first
+        n = np.full(self.channels, 1 << self.cfg.bits, np.int64)
+        return n, n // 2
+
     def dequantize_codes(self, codes: Tensor, level: int | None = None, lo: np.ndarray | None = None,
                          hi: np.ndarray | None = None) -> Tensor:
         """Codes (..., C, H, W) as floats -> latents, exactly as `forward` computes them.

@@ -7,7 +7,7 @@ The JSON names the architecture and the quantizer, so a file alone rebuilds the 
      "frame_size": 224, "training": {...free-form provenance}}
 
 Models with entropy coding also hold their probability tables in the safetensors file (key
-`entropy.counts`, (levels, channels, 256) symbol counts, see `entropy.py`); they are part of
+`entropy.counts`, (levels, channels, contexts, 256) symbol counts, see `entropy.py`); they are part of
 the model id like every weight.
 
 Pickled checkpoints (.pt/.pth/.ckpt/.pkl) are refused: unpickling runs arbitrary code.
@@ -113,18 +113,23 @@ def load_config(js: Path) -> CodecConfig:
         raise WeightsError(f"{js}: not valid JSON ({e})") from None
 
 
-def load(name_or_path: str | Path = DEFAULT_NAME) -> tuple[CodecConfig, CompressiveAutoencoder, int]:
-    """(config, model in eval mode, model id) from safetensors + JSON."""
-    js, st = resolve(name_or_path)
-    cfg = load_config(js)
+def load_file_safely(st: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; WeightsError for a pickle or an unreadable file."""
     with open(st, "rb") as f:
         head = f.read(8)
     if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol / torch.save zip
         raise WeightsError(f"{st} is a pickle/zip checkpoint, not safetensors; refusing to load it")
     try:
-        state = load_file(str(st))
+        return load_file(str(st))
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{st}: not a readable safetensors file ({e})") from None
+
+
+def load(name_or_path: str | Path = DEFAULT_NAME) -> tuple[CodecConfig, CompressiveAutoencoder, int]:
+    """(config, model in eval mode, model id) from safetensors + JSON."""
+    js, st = resolve(name_or_path)
+    cfg = load_config(js)
+    state = load_file_safely(st)
     mid = model_id(cfg, state)
     counts = state.pop(ENTROPY_KEY, None)
     if counts is not None:
@@ -143,8 +148,10 @@ ENTROPY_KEY = "entropy.counts"
 
 def check_counts(counts: np.ndarray, cfg: CodecConfig) -> np.ndarray:
     """Entropy tables must have one (C, 256) table per quantizer level."""
+    from .entropy import CONTEXTS, MAX_SYMBOLS
+
     levels = len(cfg.quantizer.steps) if cfg.quantizer.mode == "step" else 1
-    want = (levels, cfg.model.latent_channels, 256)
+    want = (levels, cfg.model.latent_channels, CONTEXTS, MAX_SYMBOLS)
     if cfg.quantizer.mode not in ("step", "fixed"):
         raise WeightsError(f"entropy tables with a {cfg.quantizer.mode} quantizer: codes have no fixed meaning")
     if counts.shape != want or counts.dtype.kind not in "iu" or (counts < 0).any():
@@ -159,7 +166,10 @@ def save(path: str | Path, cfg: CodecConfig, model: CompressiveAutoencoder) -> t
     base.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.entropy_counts is not None:
-        state[ENTROPY_KEY] = torch.from_numpy(check_counts(np.asarray(cfg.entropy_counts), cfg))
+        counts = check_counts(np.asarray(cfg.entropy_counts), cfg)
+        if counts.max() >= 2 ** 31:
+            raise WeightsError("entropy counts overflow int32; fit them on fewer frames")
+        state[ENTROPY_KEY] = torch.from_numpy(counts.astype(np.int32))  # half the bytes of int64
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
     save_file(state, str(st), metadata={"format": FORMAT, "preset": cfg.preset})
     d = cfg.to_dict()
