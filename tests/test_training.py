@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -108,6 +109,37 @@ def test_stage2_step_mode_exports_entropy_tables_that_code_packets(tmp_path):
 def train_frames_like_the_tiny_config() -> np.ndarray:
     from training.train import synthetic_frames
     return synthetic_frames(4, 32, seed=0)
+
+
+def test_laplace_rate_is_the_bits_of_the_quantization_bin():
+    from training.train import LaplaceRate
+
+    rate = LaplaceRate(1)
+    with torch.no_grad():
+        rate.log_scale.fill_(math.log(0.7))
+    step, b = 0.25, 0.7
+    for v in (0.0, 0.05, 0.4, -1.3, 6.0):
+        xs = np.linspace(v - step / 2, v + step / 2, 20001)
+        p = np.trapezoid(np.exp(-np.abs(xs) / b) / (2 * b), xs)  # the density over the bin, numerically
+        bits = float(rate(torch.tensor([[[[v]]]]), step).detach())
+        assert bits == pytest.approx(-np.log2(p), rel=1e-4, abs=1e-4), v
+
+
+def test_rate_weight_shrinks_the_latents(tmp_path):
+    """Stage 1 with a rate term pays for bits: its latents end smaller than without it."""
+    from streamer.codec import NeuralCodec
+    from training.train import synthetic_frames
+
+    frames = torch.from_numpy(synthetic_frames(8, 32, seed=3)).permute(0, 3, 1, 2).float() / 255
+    sizes = {}
+    for weight in (0.0, 0.05):
+        out = tmp_path / f"w{weight}"
+        train(tiny_config(out, stages=(1,), steps1=40) + ["--set", f"stage1.rate_weight={weight}",
+                                                           "--set", "stage1.rate_step=0.5"])
+        codec = NeuralCodec.load(out / "run" / "best-stage1.json")
+        with torch.no_grad():
+            sizes[weight] = float(codec.model.encoder(frames).abs().mean())
+    assert sizes[0.05] < 0.7 * sizes[0.0], sizes
 
 
 def test_resume_continues_from_checkpoint(tmp_path):
