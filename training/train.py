@@ -444,6 +444,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                         export(Path(cfg["export"]), 2)
         if fresh:
             state.update(stage=stage, elapsed_s=0.0, stage_step=0)
+        net.rate.requires_grad_(stage == 1 and sc.rate_weight > 0)  # DDP: no parameter left unused
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=sc.lr, weight_decay=sc.weight_decay)
         if not fresh:
