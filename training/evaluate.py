@@ -9,8 +9,9 @@ clip, plus every still. Quality is measured on 8-bit outputs: PSNR (the mean of 
 PSNRs and the PSNR of the mean MSE, named apart) and MS-SSIM. Rates are real: the neural codec's
 bits per pixel come from the bytes of its packets (`NeuralCodec.packets`, header included).
 
-- neural codec: its trained bit depth and, by re-quantizing the same latents with fewer bits
-  (no retraining), lower operating points.
+- neural codec: a step-mode model at each of its quantizer levels (its default first; JPEG is
+  also matched to every level); a fixed-mode model at its trained bit depth and, by
+  re-quantizing the same latents with fewer bits (no retraining), lower operating points.
 - JPEG / WebP / JPEG 2000 (Pillow): per frame, the quality setting whose size is closest to the
   neural codec's bpp (searched), plus a few fixed settings for the RD curve.
 - x264 (PyAV libx264, tune=zerolatency): each val clip, all its frames framed as above, encoded
