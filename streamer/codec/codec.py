@@ -77,11 +77,11 @@ class NeuralCodec:
     def _entropy_coder(self, counts: np.ndarray | None) -> entropy.EntropyCoder | None:
         if counts is None:
             return None
-        alphabets = [self.quantizer.alphabet(lv if self.levels > 1 else None) for lv in range(self.levels)]
+        alphabets = [self.quantizer.alphabet(lv) for lv in range(self.levels)]
         return entropy.EntropyCoder(counts, [a[0] for a in alphabets], [a[1] for a in alphabets])
 
     def set_entropy_counts(self, counts: np.ndarray | None) -> None:
-        """Install entropy tables (levels, C, 256), e.g. freshly fitted by training."""
+        """Install entropy tables (levels, C, contexts, 256), e.g. freshly fitted by training."""
         if counts is not None:
             counts = weights.check_counts(np.asarray(counts), self.cfg)
         self.cfg.entropy_counts = counts
@@ -126,8 +126,7 @@ class NeuralCodec:
         level: the step-mode level the codes were made at (default: the model's default level)."""
         minmax = self.cfg.quantizer.mode == "minmax" and lo is not None and hi is not None
         c = torch.from_numpy(np.ascontiguousarray(codes)).float()
-        return self.quantizer.dequantize_codes(c, level if self.levels > 1 else None,
-                                               lo if minmax else None, hi if minmax else None)[None]
+        return self.quantizer.dequantize_codes(c, level, lo if minmax else None, hi if minmax else None)[None]
 
     def neutral_codes(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Codes that mean 'nothing known' (a receiver with no picture yet)."""

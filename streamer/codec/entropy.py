@@ -79,8 +79,8 @@ def fit_levels(quantizer: "Quantizer", latents: "Tensor") -> np.ndarray:
     levels = len(quantizer.cfg.steps) if quantizer.cfg.mode == "step" else 1
     tables = []
     for lv in range(levels):
-        codes = np.stack([q.codes for q in quantizer.quantize(latents, lv if levels > 1 else None)])
-        tables.append(fit(codes, *quantizer.alphabet(lv if levels > 1 else None)))
+        codes = np.stack([q.codes for q in quantizer.quantize(latents, lv)])
+        tables.append(fit(codes, *quantizer.alphabet(lv)))
     return np.stack(tables)
 
 

@@ -14,7 +14,8 @@
   signal is, as in JPEG's quantization of an orthogonal transform, instead of 2^bits levels per
   channel however little it varies. Zero is always a level (a residual of 0 costs nothing).
 
-Codes are uint8 (n <= 8). Dequantization maps code q to origin + q * step, per channel.
+Codes are uint8 (n <= 8). Dequantization maps code q to lo + q * step per channel (fixed,
+minmax), or to (q + first) * step (step mode: `first` is the integer of code 0).
 """
 
 from __future__ import annotations
