@@ -50,3 +50,8 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"not a video")
     assert roundtrip.main(["--source", str(bad), "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_unknown_quantizer_level_is_a_clear_error(tmp_path, capsys):
+    assert roundtrip.main(["--level", "9", "--frames", "1", "--out", str(tmp_path)]) == 2
+    assert "quantizer level 9 outside 0..6" in capsys.readouterr().err
