@@ -50,23 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        js, st = weights.resolve(args.weights)
-        cfg = weights.load_config(js)
+        cfg, model, _ = weights.load(args.weights, entropy_tables=False)  # old tables are replaced
         if cfg.quantizer.mode not in ("step", "fixed"):
             raise StreamerError(f"a {cfg.quantizer.mode} quantizer has no fixed codes to fit tables on")
-        state = weights.load_file_safely(st)
-        state.pop(weights.ENTROPY_KEY, None)  # old tables (any shape) are replaced
-        from streamer.codec.model import CompressiveAutoencoder
-        model = CompressiveAutoencoder(cfg.model)
-        model.load_state_dict(state, strict=True)
-        cfg.entropy_counts = None
-        codec = NeuralCodec(cfg, model.eval(), 0)
+        codec = NeuralCodec(cfg, model, 0)
         frames = training_frames(args.train, codec.frame_size, args.frames)
         codec.set_entropy_counts(fit_tables(codec, frames))
         cfg.training = {**cfg.training, "entropy_tables": f"python -m training.tables on {len(frames)} "
                         f"frames of {args.train}"}
         weights.save(args.out, cfg, codec.model)
-    except (StreamerError, RuntimeError) as e:
+    except StreamerError as e:
         print(f"tables: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {Path(args.out).with_suffix('.json')} with tables for {codec.levels} level(s) "

@@ -47,7 +47,7 @@ class CodecConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     frame_size: int = 224
     training: dict[str, Any] = field(default_factory=dict)
-    # entropy tables (levels, C, 256) from the safetensors file; None: raw codes only
+    # entropy tables (levels, C, contexts, 256) from the safetensors file; None: raw codes only
     entropy_counts: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,14 +125,16 @@ def load_file_safely(st: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{st}: not a readable safetensors file ({e})") from None
 
 
-def load(name_or_path: str | Path = DEFAULT_NAME) -> tuple[CodecConfig, CompressiveAutoencoder, int]:
-    """(config, model in eval mode, model id) from safetensors + JSON."""
+def load(name_or_path: str | Path = DEFAULT_NAME,
+         entropy_tables: bool = True) -> tuple[CodecConfig, CompressiveAutoencoder, int]:
+    """(config, model in eval mode, model id) from safetensors + JSON. entropy_tables=False
+    leaves any stored tables unread (and unchecked): for refitting them (`training.tables`)."""
     js, st = resolve(name_or_path)
     cfg = load_config(js)
     state = load_file_safely(st)
     mid = model_id(cfg, state)
     counts = state.pop(ENTROPY_KEY, None)
-    if counts is not None:
+    if counts is not None and entropy_tables:
         cfg.entropy_counts = check_counts(counts.numpy(), cfg)
     model = CompressiveAutoencoder(cfg.model)
     try:
@@ -147,7 +149,7 @@ ENTROPY_KEY = "entropy.counts"
 
 
 def check_counts(counts: np.ndarray, cfg: CodecConfig) -> np.ndarray:
-    """Entropy tables must have one (C, 256) table per quantizer level."""
+    """Entropy tables must have one (C, contexts, 256) block per quantizer level."""
     from .entropy import CONTEXTS, MAX_SYMBOLS
 
     levels = len(cfg.quantizer.steps) if cfg.quantizer.mode == "step" else 1
