@@ -1,6 +1,8 @@
 // Browser client of the neural video call (protocol: docs/protocol.md).
 // Joins a room as a viewer, draws the decoded (kind 1) and original (kind 2) pictures, shows
 // both ends' stats with a small chart, and can send this browser's webcam as kind-3 frames.
+// The link's token decides what the page may do: the viewers' link only watches, the camera
+// link may also feed the sender. The sender's and receiver's links are for the programs.
 "use strict";
 
 const KIND_DECODED = 1, KIND_ORIGINAL = 2, KIND_CAMERA = 3;
@@ -15,11 +17,14 @@ const FATAL_CLOSE = new Set([1008, 1009, 4000]);  // refused or replaced: retryi
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const room = params.get("room"), token = params.get("token");
+const linkRole = params.get("role") || "viewer";  // which of the server's links this is
+const PROGRAM_LINKS = { sender: "streamer.send", receiver: "streamer.receive" };
 
 // Counters the page shows (and tests read).
 const state = window.callState = {
   joined: false,
   peerId: null,
+  maySendCamera: false,       // the camera link's token lets this page feed the call
   peers: new Map(),           // peer_id → role
   drawn: { [KIND_DECODED]: 0, [KIND_ORIGINAL]: 0 },
   cameraSent: 0,
@@ -69,6 +74,8 @@ function onControl(msg) {
     case "joined":
       state.joined = true;
       state.peerId = msg.peer_id;
+      state.maySendCamera = msg.may_send_camera === true;
+      showCameraRight();
       state.peers = new Map(msg.peers.map((p) => [p.peer_id, p.role]));
       showPeers();
       setStatus("joined — waiting for pictures", "live");
@@ -98,6 +105,12 @@ function onControl(msg) {
       setStatus(`${msg.code}: ${msg.message}`, "error");
       break;
   }
+}
+
+function showCameraRight() {
+  $("camera").disabled = !state.maySendCamera;
+  $("camera-note").textContent = state.maySendCamera ? "" :
+    "This link only watches. The camera link the server printed may feed the call.";
 }
 
 function showPeers() {
@@ -360,7 +373,12 @@ $("camera").addEventListener("click", () => (cameraStream ? stopCamera() : start
 renderStats();
 drawChart();
 
-if (room && token) {
+if (room && token && PROGRAM_LINKS[linkRole]) {
+  // Never join a seat of the call from a page: that link belongs to a program.
+  $("call").hidden = true;
+  setStatus(`this is the ${linkRole}'s link: use it with python -m ${PROGRAM_LINKS[linkRole]} ` +
+            "--url '…'; in a browser open the viewers' link", "error");
+} else if (room && token) {
   $("room").textContent = room;
   $("room").hidden = false;
   connect();

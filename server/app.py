@@ -2,8 +2,10 @@
 
 In-process use (tests, demos)::
 
-    async with run_server(host="127.0.0.1", port=0, rooms={"demo": "secret"}) as srv:
-        print(srv.join_url("demo"))      # http://127.0.0.1:PORT/?room=demo&token=secret
+    async with run_server(host="127.0.0.1", port=0, rooms={"demo": "the room's secret"}) as srv:
+        print(srv.join_url("demo"))            # the viewers' link: it only watches
+        print(srv.join_url("demo", "sender"))  # http://127.0.0.1:PORT/?room=demo&token=...&role=sender
+        srv.token("demo", "receiver")          # a role's token (server.tokens.role_token)
 
 or, from synchronous code, ``with serve_in_thread(rooms={...}) as srv: ...``.
 The protocol is specified in docs/protocol.md.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import ipaddress
 import json
 import logging
 import socket
@@ -29,13 +31,20 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
-from .rooms import Peer, Room
+from . import tokens
+from .rooms import VIEWER_UPDATE_INTERVAL_S, Peer, Room
 from .static import default_client_dir, serve_file
 
 log = logging.getLogger("server")
 
 JOIN_TIMEOUT_S = 10.0
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+MAX_JSON_DEPTH = 32  # control messages are shallow; deeper nesting is refused as bad_json
+CAMERA_MAX_FPS = 60.0  # kind-3 frames passed on to the sender per second, at most
+SHUTDOWN_GRACE_S = 0.5  # how long a clean close may take at shutdown before the socket is cut
+BAD_TOKEN_MESSAGE = ("wrong room or token for this role (use the join URL the server printed "
+                     "for it: the viewers' link only watches)")
 
 
 class Refusal(Exception):
@@ -52,7 +61,7 @@ class Refusal(Exception):
 class ServerConfig:
     """What a server serves and how much it accepts."""
 
-    rooms: dict[str, str]  # room name → token
+    rooms: dict[str, str]  # room name → the room's secret (role tokens derive from it)
     host: str = "127.0.0.1"
     port: int = 8765
     max_viewers: int = 64
@@ -67,8 +76,13 @@ class CallServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.rooms: dict[str, Room] = {
-            name: Room(name, token, config.max_viewers) for name, token in config.rooms.items()}
+            name: Room(name, secret, config.max_viewers) for name, secret in config.rooms.items()}
         self.port = config.port  # the real port once listening (config may say 0)
+        # An unknown room is checked against this, so that it costs what a known one costs and
+        # answers the same bad_token.
+        self._decoy_secret = tokens.new_secret()
+        self.connections: set[ServerConnection] = set()
+        self.closing = False
 
     # ---- HTTP ---------------------------------------------------------------------------
 
@@ -80,29 +94,44 @@ class CallServer:
 
     # ---- origins ------------------------------------------------------------------------
 
-    def origin_allowed(self, origin: str | None, host_header: str | None) -> bool:
-        """Python peers send no Origin; a browser must come from a page of this server."""
+    def origin_allowed(self, origin: str | None, local_address: str | None = None) -> bool:
+        """Python peers send no Origin; a browser must come from a page of this server.
+
+        Same-origin means `http://NAME:PORT` where NAME is a loopback name, the host the server
+        was told to listen on (when it is not a wildcard), or the address of this machine the
+        connection arrived on (`local_address`: a LAN page opened as http://192.168.1.5:PORT
+        connects to 192.168.1.5). The Host header is never trusted: with DNS rebinding a foreign
+        page sends a matching Host/Origin pair. Other names need --allow-origin.
+        """
         if origin is None:
             return True
         if origin in self.config.allowed_origins:
             return True
         hosts = set(_LOOPBACK_NAMES)
-        bound = self.config.host
-        if bound not in ("0.0.0.0", "::", ""):
-            hosts.add(f"[{bound}]" if ":" in bound else bound)
-        elif host_header:
-            # Listening on every interface: the page's own host (a LAN address) is same-origin.
-            hosts.add(host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header)
-        return origin in {f"http://{h}:{self.port}" for h in hosts}
+        if self.config.host not in _WILDCARD_HOSTS:
+            hosts.add(self.config.host)
+        if local_address:
+            hosts.add(_plain_address(local_address))
+        netlocs = {f"[{h}]" if ":" in h else h for h in hosts}
+        allowed = {f"http://{n}:{self.port}" for n in netlocs}
+        if self.port == 80:
+            allowed |= {f"http://{n}" for n in netlocs}
+        return origin in allowed
 
     # ---- websocket ----------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
         """One connection: check origin, wait for `join`, then route its messages."""
         peer: Peer | None = None
+        self.connections.add(ws)
         try:
+            if self.closing:
+                await ws.close(P.CLOSE_GOING_AWAY, "server shutting down")
+                return
             headers = ws.request.headers if ws.request else {}
-            if not self.origin_allowed(headers.get("Origin"), headers.get("Host")):
+            sockname = ws.transport.get_extra_info("sockname") if ws.transport else None
+            local = sockname[0] if isinstance(sockname, tuple) and sockname else None
+            if not self.origin_allowed(headers.get("Origin"), local):
                 raise Refusal(P.BAD_ORIGIN, f"origin {headers.get('Origin')!r} may not connect "
                               "to this server (open the page from the server's own URL)")
             try:
@@ -120,6 +149,7 @@ class CallServer:
             log.exception("connection handler failed")
             await ws.close(1011, "internal error")
         finally:
+            self.connections.discard(ws)
             if peer is not None:
                 self._leave(peer)
 
@@ -149,34 +179,47 @@ class CallServer:
         if not isinstance(name, str) or len(name) > 64:
             raise Refusal(P.BAD_MESSAGE, "name must be a string of at most 64 characters")
         room = self.rooms.get(room_name)
-        if room is None:
-            raise Refusal(P.UNKNOWN_ROOM, f"no room named {room_name[:64]!r} on this server")
-        if not hmac.compare_digest(token.encode(), room.token.encode()):
-            raise Refusal(P.BAD_TOKEN, "wrong token for this room (use the join URL the "
-                          "server printed)")
+        # The token must be the one of the role asked for. A viewer may hold the view-only
+        # token or the camera one. An unknown room is checked against a decoy secret: the same
+        # work and the same answer, so a guess cannot tell which rooms exist.
+        secret = room.secret if room is not None else self._decoy_secret
+        credentials = ("viewer", "camera") if role == "viewer" else (role,)
+        valid = [tokens.matches(secret, room_name, c, token) for c in credentials]
+        if room is None or not any(valid):
+            raise Refusal(P.BAD_TOKEN, BAD_TOKEN_MESSAGE)
         if role == "viewer" and len(room.viewers()) >= room.max_viewers:
             raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has {room.max_viewers} viewers")
 
-        peer = Peer(ws=ws, room=room, role=role, name=name)
+        peer = Peer(ws=ws, room=room, role=role, name=name,
+                    may_camera=role == "viewer" and valid[1])
         if role == "viewer":
             _limit_send_buffer(ws)
-        if role in ("sender", "receiver") and (old := room.by_role(role)) is not None:
-            # A restarted sender/receiver must get back in at once: the newcomer wins.
+        if role in P.CALL_ROLES and (old := room.by_role(role)) is not None:
+            # A restarted sender/receiver must get back in at once: the newcomer wins (it holds
+            # this role's token, so it is the same party).
             self._leave(old)
             old.outbox.close()
             asyncio.ensure_future(old.ws.close(P.CLOSE_REPLACED, "replaced"))
             log.info("room %s: %s %s replaced by %s", room.name, role, old.peer_id, peer.peer_id)
-        others = [p.describe() for p in room.peers.values()]
+        # Viewers learn who is in the call, not who else watches.
+        visible = room.peers.values() if role in P.CALL_ROLES else room.call_peers()
+        others = [p.describe() for p in visible]
         room.peers[peer.peer_id] = peer
         peer.start_writer()
-        peer.send_json({"type": "joined", "peer_id": peer.peer_id, "room": room.name,
-                        "role": role, "peers": others})
-        room.broadcast({"type": "peer_joined", **peer.describe()}, exclude=peer)
+        joined: dict[str, Any] = {"type": "joined", "peer_id": peer.peer_id, "room": room.name,
+                                  "role": role, "peers": others}
         if role == "viewer":
+            joined["may_send_camera"] = peer.may_camera
+        peer.send_json(joined)
+        if role == "viewer":
+            room.viewers_changed()  # to the call peers, latest-only
             for from_role, stats in room.last_stats.items():  # don't wait a second for numbers
                 peer.outbox.put_latest(f"stats:{from_role}", stats)
+        else:
+            room.broadcast({"type": "peer_joined", **peer.describe()}, exclude=peer)
         if role == "sender" and room.camera_owner is not None:
-            peer.send_json({"type": "camera", "on": True, "from": room.camera_owner})
+            peer.outbox.put_latest("camera", _camera_text(True, room.camera_owner),
+                                   VIEWER_UPDATE_INTERVAL_S)
         log.info("room %s: %s %s joined (%s)", room.name, role, peer.peer_id, name or "-")
         return peer
 
@@ -186,11 +229,15 @@ class CallServer:
             return  # already replaced or removed
         del room.peers[peer.peer_id]
         peer.outbox.close()
-        room.broadcast({"type": "peer_left", "peer_id": peer.peer_id, "role": peer.role})
+        if peer.role == "viewer":
+            room.viewers_changed()
+        else:
+            room.broadcast({"type": "peer_left", "peer_id": peer.peer_id, "role": peer.role})
         if room.camera_owner == peer.peer_id:
             room.camera_owner = None
             if (sender := room.by_role("sender")) is not None:
-                sender.send_json({"type": "camera", "on": False, "from": peer.peer_id})
+                sender.outbox.put_latest("camera", _camera_text(False, peer.peer_id),
+                                         VIEWER_UPDATE_INTERVAL_S)
         log.info("room %s: %s %s left", room.name, peer.role, peer.peer_id)
 
     def _parse(self, message: str | bytes) -> dict[str, Any]:
@@ -206,6 +253,12 @@ class CallServer:
             msg = json.loads(message)
         except ValueError as exc:
             raise Refusal(P.BAD_JSON, f"not valid JSON: {exc}") from None
+        except RecursionError:  # nested deeper than the interpreter's stack allows
+            too_deep = True
+        else:
+            too_deep = _too_deep(msg, MAX_JSON_DEPTH)
+        if too_deep:
+            raise Refusal(P.BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise Refusal(P.BAD_MESSAGE, 'a control message is a JSON object with a string "type"')
         return msg
@@ -268,20 +321,27 @@ class CallServer:
 
     def _camera(self, peer: Peer, on: bool) -> None:
         room = peer.room
+        if not peer.may_camera:
+            return self._error_once(peer, "camera-right", P.BAD_MESSAGE, "this viewer link "
+                                    "only watches: the camera link the server printed may "
+                                    "feed the call's camera")
         sender = room.by_role("sender")
         if on:
             previous = room.camera_owner
             room.camera_owner = peer.peer_id
             if previous is not None and previous != peer.peer_id and previous in room.peers:
                 # One camera feeds the call: the latest volunteer takes over.
-                room.peers[previous].send_json({"type": "camera", "on": False,
-                                                "from": peer.peer_id, "reason": "taken over"})
+                room.peers[previous].outbox.put_latest("camera", _camera_text(
+                    False, peer.peer_id, reason="taken over"), VIEWER_UPDATE_INTERVAL_S)
         elif room.camera_owner == peer.peer_id:
             room.camera_owner = None
         else:
             return
         if sender is not None:
-            sender.send_json({"type": "camera", "on": on, "from": peer.peer_id})
+            # Latest-only: a viewer toggling its camera in a loop sends the sender the current
+            # state, never a backlog that could overflow its ordered queue.
+            sender.outbox.put_latest("camera", _camera_text(on, peer.peer_id),
+                                     VIEWER_UPDATE_INTERVAL_S)
 
     def _route_picture(self, peer: Peer, message: bytes) -> None:
         if len(message) > P.MAX_BINARY_BYTES:
@@ -302,6 +362,10 @@ class CallServer:
             if room.camera_owner != peer.peer_id:
                 return self._error_once(peer, "camera", P.BAD_MESSAGE, 'send {"type":"camera",'
                                         '"on":true} before camera frames')
+            now = asyncio.get_running_loop().time()
+            if now - peer.last_camera_frame < 1.0 / CAMERA_MAX_FPS:
+                return  # faster than any camera: thinned here, before it costs the sender
+            peer.last_camera_frame = now
             if (sender := room.by_role("sender")) is not None:
                 sender.outbox.put_latest(str(kind), message)
         else:
@@ -313,6 +377,66 @@ class CallServer:
         if key not in peer.warned:
             peer.warned.add(key)
             self._error(peer, code, message)
+
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    async def shutdown(self, server: Server) -> None:
+        """Close every connection at once. A peer that stopped reading cannot take a close
+        frame (its socket buffers are full), so it is cut off instead of waited for; the others
+        get a clean 1001 close, and whatever has not closed after SHUTDOWN_GRACE_S is cut too."""
+        self.closing = True
+        for room in self.rooms.values():
+            for peer in list(room.peers.values()):
+                peer.outbox.close()
+                if peer.writer is not None:
+                    peer.writer.cancel()
+        for ws in list(self.connections):
+            transport = ws.transport
+            if transport is not None and transport.get_write_buffer_size() > 0:
+                transport.abort()
+        server.close(code=P.CLOSE_GOING_AWAY, reason="server shutting down")
+        try:
+            await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE_S)
+        except asyncio.TimeoutError:
+            for ws in list(self.connections):
+                if ws.transport is not None:
+                    ws.transport.abort()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+
+def _camera_text(on: bool, owner: str, **extra: str) -> str:
+    return json.dumps({"type": "camera", "on": on, "from": owner, **extra}, separators=(",", ":"))
+
+
+def _plain_address(address: str) -> str:
+    """An IP as an origin names it: IPv4-mapped IPv6 as IPv4, no zone."""
+    address = address.split("%", 1)[0]
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ip)
+    return address
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests containers deeper than `limit` (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
 
 
 VIEWER_SNDBUF = 256 * 1024
@@ -351,10 +475,19 @@ class RunningServer:
     def ws_url(self) -> str:
         return "ws" + self.http_url[4:] + P.WS_PATH
 
-    def join_url(self, room: str) -> str:
-        """The URL a browser opens to watch (and feed) the call in `room`."""
-        token = self.app.rooms[room].token
-        return f"{self.http_url}/?{urlencode({'room': room, 'token': token})}"
+    def token(self, room: str, role: str = "viewer") -> str:
+        """The token of a credential of `room`: "sender", "receiver", "camera" or "viewer"."""
+        if role not in tokens.CREDENTIALS:
+            raise ValueError(f"role must be one of {', '.join(tokens.CREDENTIALS)}, not {role!r}")
+        return self.app.rooms[room].token(role)
+
+    def join_url(self, room: str, role: str = "viewer") -> str:
+        """The join URL of one credential of `room`. "viewer" (the default) is the link to
+        share: a browser that opens it watches the call. "camera" is a viewer that may also feed
+        the sender's `--source browser`; "sender" and "receiver" are for `streamer.send` /
+        `streamer.receive --url` and grant those seats."""
+        query = urlencode({"room": room, "token": self.token(room, role), "role": role})
+        return f"{self.http_url}/?{query}"
 
     def close(self) -> None:
         self.server.close()
@@ -381,8 +514,10 @@ async def run_server(host: str = "127.0.0.1", port: int = 0,
                      logger=logging.getLogger("server.ws")) as server:
         sock = next(iter(server.sockets))
         app.port = sock.getsockname()[1]
-        yield RunningServer(app=app, server=server, host=host, port=app.port)
-        server.close()
+        try:
+            yield RunningServer(app=app, server=server, host=host, port=app.port)
+        finally:
+            await app.shutdown(server)
 
 
 @contextlib.contextmanager

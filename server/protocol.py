@@ -24,7 +24,8 @@ KIND_DECODED = 1  # receiver → viewers
 KIND_ORIGINAL = 2  # sender → viewers
 KIND_CAMERA = 3  # viewer → sender
 
-ROLES = ("sender", "receiver", "viewer")
+ROLES = ("sender", "receiver", "viewer")  # what a join may ask to be
+CALL_ROLES = ("sender", "receiver")  # the call's seats (one peer each); viewers only watch
 
 _HEADER = struct.Struct(">BIQ")
 HEADER_SIZE = _HEADER.size  # 13 bytes
@@ -33,11 +34,12 @@ HEADER_SIZE = _HEADER.size  # 13 bytes
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001  # the server shuts down
 CLOSE_REPLACED = 4000
 
 # Error codes (the `code` field of an error message).
-BAD_TOKEN = "bad_token"
-UNKNOWN_ROOM = "unknown_room"
+BAD_TOKEN = "bad_token"  # also for an unknown room: a guess must not tell which rooms exist
+UNKNOWN_ROOM = "unknown_room"  # no longer sent (kept for clients that still name it)
 BAD_JSON = "bad_json"
 BAD_MESSAGE = "bad_message"
 TOO_LARGE = "too_large"

@@ -2,26 +2,33 @@
 
 Every peer has an `Outbox` drained by its own writer task, so the code that routes a message
 never awaits another peer's socket: a slow browser only delays (and thins) its own deliveries.
-Pictures and stats go into latest-only slots (a newer one replaces an unsent older one); control
-messages (joined, signal, peer_joined, ...) go into an ordered, bounded queue and are never
-dropped.
+Pictures, stats, camera state and the viewer list go into latest-only slots (a newer one
+replaces an unsent older one); control messages (joined, signal, the call peers' peer_joined /
+peer_left, errors) go into an ordered, bounded queue and are never dropped. Nothing a viewer does
+puts anything into a call peer's ordered queue, so no viewer can make it overflow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Union
 
-from .protocol import CLOSE_POLICY
+from . import tokens
+from .protocol import CALL_ROLES, CLOSE_POLICY
 
 log = logging.getLogger("server.rooms")
 
 CONTROL_QUEUE_LIMIT = 256  # control messages a peer may lag behind before it is dropped
+# What viewers cause at a call peer (camera state, the viewer list) is latest-only and at most
+# this often per slot: a viewer looping its camera button or reconnecting costs a caller ten
+# small messages a second, whatever its socket buffers would take.
+VIEWER_UPDATE_INTERVAL_S = 0.1
 
 
 class Socket(Protocol):
@@ -32,12 +39,19 @@ class Socket(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
+# A slot holds a message, or a function that builds it when the writer gets to it (the viewer
+# list: rebuilt once per send, not once per change).
+SlotMessage = Union[str, bytes, Callable[[], str]]
+
+
 class Outbox:
     """Pending messages of one peer: an ordered control queue plus latest-only slots."""
 
     def __init__(self) -> None:
         self._control: deque[str | bytes] = deque()
-        self._slots: dict[str, str | bytes] = {}
+        self._slots: dict[str, SlotMessage] = {}
+        self._intervals: dict[str, float] = {}  # slot → least time between two sends
+        self._not_before: dict[str, float] = {}  # slot → loop time of its next allowed send
         self._wakeup = asyncio.Event()
         self.closed = False
         self.sent = 0
@@ -53,26 +67,40 @@ class Outbox:
         self._wakeup.set()
         return True
 
-    def put_latest(self, slot: str, message: str | bytes) -> None:
-        """Offer a message that only matters until a newer one of the same slot exists."""
+    def put_latest(self, slot: str, message: SlotMessage, min_interval: float = 0.0) -> None:
+        """Offer a message that only matters until a newer one of the same slot exists; with
+        `min_interval`, the slot is also sent at most that often (a newer message waits)."""
         if self.closed:
             return
         if slot in self._slots:
             self.dropped += 1
         self._slots[slot] = message
+        if min_interval:
+            self._intervals[slot] = min_interval
         self._wakeup.set()
 
     async def next(self) -> str | bytes | None:
-        """The next message to send (control first, then slots in insertion order); None once
-        closed."""
+        """The next message to send (control first, then slots in insertion order, each when
+        its interval allows); None once closed."""
+        loop = asyncio.get_running_loop()
         while not self.closed:
             if self._control:
                 return self._control.popleft()
-            if self._slots:
-                slot = next(iter(self._slots))
-                return self._slots.pop(slot)
+            now, wait = loop.time(), None
+            for slot in self._slots:
+                not_before = self._not_before.get(slot, 0.0)
+                if not_before <= now:
+                    message = self._slots.pop(slot)
+                    if slot in self._intervals:
+                        self._not_before[slot] = now + self._intervals[slot]
+                    return message() if callable(message) else message
+                wait = not_before - now if wait is None else min(wait, not_before - now)
             self._wakeup.clear()
-            await self._wakeup.wait()
+            if wait is None:
+                await self._wakeup.wait()
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
         return None
 
     def close(self) -> None:
@@ -93,7 +121,9 @@ class Peer:
     peer_id: str = field(default_factory=lambda: secrets.token_hex(4))
     outbox: Outbox = field(default_factory=Outbox)
     writer: asyncio.Task[None] | None = None
+    may_camera: bool = False  # a viewer that joined with the camera credential
     received_frames: int = 0
+    last_camera_frame: float = 0.0  # loop time of the last kind-3 frame passed on
     warned: set[str] = field(default_factory=set)  # error causes already reported once
 
     def describe(self) -> dict[str, str]:
@@ -123,13 +153,18 @@ class Peer:
 class Room:
     """A call: at most one sender, one receiver, and up to `max_viewers` viewers."""
 
-    def __init__(self, name: str, token: str, max_viewers: int = 64) -> None:
+    def __init__(self, name: str, secret: str, max_viewers: int = 64) -> None:
         self.name = name
-        self.token = token
+        self.secret = secret  # never sent anywhere: participants hold role tokens
         self.max_viewers = max_viewers
         self.peers: dict[str, Peer] = {}
         self.camera_owner: str | None = None  # viewer whose webcam feeds the sender
         self.last_stats: dict[str, str] = {}  # role → last stats message, for late viewers
+        self._viewers_text: str | None = None  # cached `viewers` message
+
+    def token(self, role: str) -> str:
+        """The token of a credential ("sender", "receiver", "camera", "viewer")."""
+        return tokens.role_token(self.secret, self.name, role)
 
     def by_role(self, role: str) -> Peer | None:
         for peer in self.peers.values():
@@ -143,7 +178,24 @@ class Room:
     def others(self, peer: Peer) -> list[Peer]:
         return [p for p in self.peers.values() if p is not peer]
 
+    def call_peers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role in CALL_ROLES]
+
     def broadcast(self, message: dict[str, Any], exclude: Peer | None = None) -> None:
         for p in list(self.peers.values()):
             if p is not exclude:
                 p.send_json(message)
+
+    def viewers_changed(self) -> None:
+        """Tell the call peers who watches, latest-only: a viewer joining and leaving in a
+        loop costs them one message per send, never a queue entry per change."""
+        self._viewers_text = None
+        for p in self.call_peers():
+            p.outbox.put_latest("viewers", self._viewers_message, VIEWER_UPDATE_INTERVAL_S)
+
+    def _viewers_message(self) -> str:
+        if self._viewers_text is None:
+            self._viewers_text = json.dumps(
+                {"type": "viewers", "count": len(self.viewers()),
+                 "peers": [v.describe() for v in self.viewers()]}, separators=(",", ":"))
+        return self._viewers_text

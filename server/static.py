@@ -37,6 +37,7 @@ CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: m
        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_PATH_CHARS = 1024  # the client's paths are a few characters; longer ones get 414
 
 
 def default_client_dir() -> Path:
@@ -78,13 +79,13 @@ def resolve(root: Path, raw_path: str) -> Path | None:
         return None
     root = root.resolve()
     candidate = root.joinpath(*parts) if parts else root
-    if candidate.is_dir():
-        candidate = candidate / "index.html"
     try:
+        if candidate.is_dir():
+            candidate = candidate / "index.html"
         real = candidate.resolve(strict=True)  # follows symlinks: they must stay inside root
-    except (OSError, RuntimeError):
-        return None
-    if not real.is_relative_to(root) or not real.is_file():
+        if not real.is_relative_to(root) or not real.is_file():
+            return None
+    except (OSError, RuntimeError):  # e.g. ENAMETOOLONG, a symlink loop
         return None
     return real
 
@@ -95,9 +96,13 @@ def serve_file(root: Path, method: str, raw_path: str) -> Response:
         return _response(http.HTTPStatus.METHOD_NOT_ALLOWED, b"405 method not allowed\n",
                          "text/plain; charset=utf-8", extra={"Allow": "GET, HEAD"})
     head = method == "HEAD"
+    if len(raw_path) > MAX_PATH_CHARS:
+        return _response(http.HTTPStatus.REQUEST_URI_TOO_LONG, b"414 URI too long\n",
+                         "text/plain; charset=utf-8", head)
     try:
         real = resolve(root, raw_path)
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, OSError, ValueError):
+        # OSError: a name the file system refuses (too long, ...); never a 500 with a traceback
         real = None
     if real is None:
         return not_found(head)

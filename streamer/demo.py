@@ -3,6 +3,10 @@
 Starts the call server, a receiver and a sender (the bundled sample clip by default) as child
 processes, prints the URL to open in a browser, and stops them all cleanly on Ctrl-C (or
 SIGTERM, or after --seconds). Everything listens on 127.0.0.1.
+
+The server prints one join URL per role; the sender and receiver get their own, and the page's
+link is the viewers' one (with --source browser the camera link, which may also feed the
+sender).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--source", default="sample",
                     help="the sender's source: sample (default) | synthetic | webcam | browser | PATH "
                     "(browser: press 'Send my camera' on the page)")
-    ap.add_argument("--token", default=None, help="room token (default: a random one)")
+    ap.add_argument("--secret", "--token", dest="secret", default=None,
+                    help="the room's secret, from which each role's token is derived "
+                    "(default: a random one)")
     ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
     ap.add_argument("--verbose", action="store_true", help="show the sender's and receiver's "
                     "per-second stats lines")
@@ -39,7 +45,7 @@ class Demo:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.token = args.token or secrets.token_hex(12)
+        self.secret = args.secret or secrets.token_hex(16)
         self.children: list[tuple[str, subprocess.Popen[str]]] = []
         self.stopping = False
 
@@ -52,16 +58,22 @@ class Demo:
         self.children.append((name, proc))
         return proc
 
-    def start_server(self) -> str:
-        """Start the server and return the join URL it prints."""
+    def start_server(self) -> dict[str, str]:
+        """Start the server and return the join URLs it prints: {"sender": URL, "receiver":
+        URL, "camera": URL, "viewers": URL}."""
         for port in dict.fromkeys([self.args.port, 0]):  # the asked port, else any free one
             proc = self.spawn("server", "server", "--port", str(port), "--room", ROOM,
-                              f"--token={self.token}", capture=True)
+                              f"--secret={self.secret}", capture=True)
             assert proc.stdout is not None
-            # The server prints its join URL once listening, or exits (EOF) when it cannot.
+            # The server prints its join URLs once listening ("  ROLE: URL  (note)"), or exits
+            # (EOF) when it cannot.
+            links: dict[str, str] = {}
             for line in proc.stdout:
-                if line.startswith("join: "):
-                    return line.split(" ", 1)[1].strip()
+                words = line.split()
+                if len(words) >= 2 and words[0].endswith(":") and words[1].startswith("http"):
+                    links[words[0][:-1]] = words[1]
+                    if len(links) == 4:
+                        return links
             self.children.remove(("server", proc))
             proc.kill()
             proc.wait()
@@ -81,12 +93,14 @@ class Demo:
                 proc.wait(5)
 
     def run(self) -> int:
-        url = self.start_server()
+        links = self.start_server()
         quiet = [] if self.args.verbose else ["--quiet"]
-        common = ["--url", url, "--ice-address", "127.0.0.1", *quiet]
-        self.spawn("receiver", "streamer.receive", *common)
-        self.spawn("sender", "streamer.send", *common, "--source", self.args.source,
-                   "--share-original", "--measure")
+        common = ["--ice-address", "127.0.0.1", *quiet]
+        self.spawn("receiver", "streamer.receive", "--url", links["receiver"], *common)
+        self.spawn("sender", "streamer.send", "--url", links["sender"], *common,
+                   "--source", self.args.source, "--share-original", "--measure")
+        # The page's link: view-only, unless this browser's camera is the call's source.
+        url = links["camera" if self.args.source == "browser" else "viewers"]
         print(f"\n  Neural video call running. Open this in a browser:\n\n    {url}\n", flush=True)
         if self.args.source == "browser":
             print("  Then press 'Send my camera' on the page.\n", flush=True)

@@ -1,7 +1,7 @@
 """The websocket client of the call server's protocol (docs/protocol.md, version 1).
 
     sig = Signaling("ws://127.0.0.1:8765/ws", room="demo", token="...", role="sender")
-    joined = await sig.connect()            # SignalingError on a bad token, unknown room, ...
+    joined = await sig.connect()            # SignalingError on a bad token (or unknown room), ...
     async for msg in sig.messages():        # dicts for JSON, Picture for binary frames
         ...
     await sig.signal(peer_id, {"type": "offer", "sdp": ...})
@@ -9,6 +9,11 @@
 
 Pictures go out through a latest-only slot per kind drained by a writer task, so a slow
 socket thins pictures instead of delaying the call. Control messages are sent in order.
+
+Each role has its own token (docs/protocol.md, "Roles and tokens"): the server prints one join
+URL per role, `http://HOST:PORT/?room=R&token=T&role=ROLE`, and the sender needs the sender's,
+the receiver the receiver's. `parse_join_url` keeps the URL's role on the token it returns
+(`JoinToken.role`), so a `Signaling` given the viewers' link as a sender says so before joining.
 """
 
 from __future__ import annotations
@@ -28,10 +33,24 @@ from server.protocol import (CLOSE_REPLACED, KIND_CAMERA, KIND_DECODED, KIND_ORI
 
 from .errors import StreamerError
 
-__all__ = ["Signaling", "SignalingError", "Picture", "parse_join_url", "resolve_server",
-           "KIND_DECODED", "KIND_ORIGINAL", "KIND_CAMERA"]
+__all__ = ["Signaling", "SignalingError", "Picture", "JoinToken", "parse_join_url",
+           "resolve_server", "KIND_DECODED", "KIND_ORIGINAL", "KIND_CAMERA"]
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
+URL_ROLES = ("sender", "receiver", "camera", "viewer")  # the links the server prints
+# The join role each link's token is for ("camera" is a viewer that may feed the sender).
+_JOIN_ROLE = {"sender": "sender", "receiver": "receiver", "camera": "viewer", "viewer": "viewer"}
+
+
+class JoinToken(str):
+    """A room token as a join URL gave it, remembering which role's link it came from."""
+
+    role: str | None = None
+
+    def __new__(cls, token: str, role: str | None = None) -> "JoinToken":
+        obj = super().__new__(cls, token)
+        obj.role = role
+        return obj
 
 
 class SignalingError(StreamerError):
@@ -50,27 +69,46 @@ class Picture:
     jpeg: bytes
 
 
-def parse_join_url(url: str) -> tuple[str, str, str]:
-    """`http://HOST:PORT/?room=R&token=T` (the server's join URL) -> (ws URL, room, token)."""
+def _check_role(link_role: str | None, role: str) -> None:
+    """A link of another role is a clear error before joining, not a bad_token after."""
+    if link_role is not None and _JOIN_ROLE.get(link_role) != role:
+        label = "viewers" if role == "viewer" else role
+        raise SignalingError(f"this join URL is the {link_role} link (role={link_role}), but "
+                             f"this program joins as the {role}: use the link on the line "
+                             f"'{label}:' the server printed (each role has its own token)",
+                             "wrong_link")
+
+
+def parse_join_url(url: str, role: str | None = None) -> tuple[str, str, JoinToken]:
+    """`http://HOST:PORT/?room=R&token=T[&role=ROLE]` (a join URL the server printed) ->
+    (ws URL, room, token). The token is a `JoinToken` whose `.role` is the URL's role= (None
+    when absent). With `role` (the role we will join as), a link of another role is a
+    SignalingError at once."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
         raise SignalingError(f"not a join URL: {url!r} (expected http://HOST:PORT/?room=R&token=T)")
     q = parse_qs(parts.query)
     room, token = q.get("room", [""])[0], q.get("token", [""])[0]
+    link_role = q.get("role", [None])[0]
     if not room or not token:
         raise SignalingError(f"the join URL {url!r} lacks room= or token=")
+    if link_role is not None and link_role not in URL_ROLES:
+        raise SignalingError(f"the join URL {url!r} names an unknown role={link_role!r}")
+    if role is not None:
+        _check_role(link_role, role)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    return f"{scheme}://{parts.netloc}{WS_PATH}", room, token
+    return f"{scheme}://{parts.netloc}{WS_PATH}", room, JoinToken(token, link_role)
 
 
 def resolve_server(server: str | None, room: str | None, token: str | None,
-                   url: str | None) -> tuple[str, str, str]:
-    """Merge --url with --server/--room/--token (explicit options win)."""
-    ws, r, t = (parse_join_url(url) if url else (DEFAULT_SERVER, "", ""))
+                   url: str | None, role: str | None = None) -> tuple[str, str, str]:
+    """Merge --url with --server/--room/--token (explicit options win). `role`: as in
+    `parse_join_url`."""
+    ws, r, t = (parse_join_url(url, role) if url else (DEFAULT_SERVER, "", ""))
     ws, r, t = server or ws, room or r, token or t
     if not r or not t:
-        raise SignalingError("say which call to join: --room and --token, or --url JOIN_URL "
-                             "(the server prints one per room)")
+        raise SignalingError("say which call to join: --room and --token (the token of your "
+                             "role), or --url JOIN_URL (the server prints one per role)")
     return ws, r, t
 
 
@@ -92,6 +130,7 @@ class Signaling:
 
     async def connect(self) -> dict[str, Any]:
         """Open the socket and join; returns the `joined` message or raises SignalingError."""
+        _check_role(getattr(self.token, "role", None), self.role)
         try:
             self.ws = await asyncio.wait_for(
                 connect(self.server, open_timeout=self.open_timeout, compression=None, max_size=4 * 2**20,
@@ -102,7 +141,7 @@ class Signaling:
         except (OSError, TimeoutError, InvalidHandshake) as e:
             raise SignalingError(f"cannot reach the call server at {self.server}: {e or type(e).__name__}. "
                                  "Is `python -m server` running there?") from None
-        join = {"type": "join", "room": self.room, "token": self.token, "role": self.role}
+        join = {"type": "join", "room": self.room, "token": str(self.token), "role": self.role}
         if self.name:
             join["name"] = self.name
         try:
@@ -112,8 +151,12 @@ class Signaling:
             raise SignalingError(f"the server at {self.server} did not answer our join: {e}") from None
         if reply.get("type") == "error":
             await self.close()
+            hint = ""
+            if reply.get("code") == "bad_token":
+                hint = (f"; the {self.role} needs the token of the link the server printed for "
+                        f"the {self.role}" if self.role != "viewer" else "")
             raise SignalingError(f"the server refused to join room {self.room!r}: {reply.get('message')} "
-                                 f"({reply.get('code')})", reply.get("code"))
+                                 f"({reply.get('code')}){hint}", reply.get("code"))
         if reply.get("type") != "joined":
             await self.close()
             raise SignalingError(f"unexpected first reply from the server: {str(reply)[:200]}")
@@ -154,6 +197,11 @@ class Signaling:
                     self.peers.append({k: msg.get(k) for k in ("peer_id", "role", "name")})
                 elif t == "peer_left":
                     self.peers = [p for p in self.peers if p.get("peer_id") != msg.get("peer_id")]
+                elif t == "viewers" and isinstance(msg.get("peers"), list):
+                    # who watches, latest-only: replaces the viewers we knew
+                    self.peers = [p for p in self.peers if p.get("role") != "viewer"] + [
+                        {k: v.get(k) for k in ("peer_id", "role", "name")}
+                        for v in msg["peers"] if isinstance(v, dict)]
                 elif t == "error":
                     self.errors.append(msg)
                 yield msg

@@ -25,7 +25,7 @@ from server.app import RunningServer, serve_in_thread
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out"
-ROOMS = {"demo": "secret-token"}
+ROOMS = {"demo": "room-secret"}  # room → secret; srv.token(room, role) is each role's token
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -114,7 +114,7 @@ class FakeCall:
         async def join(role: str) -> Any:
             ws = await connect(self.srv.ws_url, compression=None, max_size=P.WS_MAX_SIZE)
             await ws.send(json.dumps({"type": "join", "room": "demo",
-                                      "token": ROOMS["demo"], "role": role}))
+                                      "token": self.srv.token("demo", role), "role": role}))
             assert json.loads(await ws.recv())["type"] == "joined"
             return ws
 
@@ -211,6 +211,7 @@ def test_page_shows_live_pictures_and_stats(server: RunningServer, browser_page:
         visible = page.is_visible("#original-box")
         status = page.text_content("#status")
         peers = page.evaluate("[...document.querySelectorAll('.peer.present')].map(e => e.id)")
+        camera_disabled = page.is_disabled("#camera")  # the viewers' link only watches
         path = save_screenshot(page, tmp_path, "browser.png")
     assert (first["w"], first["h"]) == (320, 240)  # the canvas takes the picture's size
     assert first["std"] > 20 and second["std"] > 20, "decoded canvas looks blank"
@@ -223,6 +224,7 @@ def test_page_shows_live_pictures_and_stats(server: RunningServer, browser_page:
     assert stats1 != stats2
     assert float(stats2["fps"][2]) > 5
     assert status == "live" and sorted(peers) == ["peer-receiver", "peer-sender"]
+    assert camera_disabled
     assert path.stat().st_size > 10_000
     assert page.js_errors == []
 
@@ -234,7 +236,7 @@ def test_send_my_camera_reaches_the_sender(server: RunningServer, browser_page: 
 
     page = browser_page
     with FakeCall(server) as call:
-        page.goto(server.join_url("demo"))
+        page.goto(server.join_url("demo", "camera"))  # the link that may feed the camera
         wait_js(page, "() => window.callState && window.callState.joined")
         page.click("#camera")
         wait_js(page, "() => window.callState.cameraSent >= 20", 20)
@@ -262,11 +264,21 @@ def test_send_my_camera_reaches_the_sender(server: RunningServer, browser_page: 
 
 def test_wrong_token_is_shown_on_the_page(server: RunningServer, browser_page: Any) -> None:
     page = browser_page
-    page.goto(server.join_url("demo").replace("secret-token", "nope"))
+    page.goto(server.join_url("demo").replace(server.token("demo"), "nope"))
     wait_js(page, "() => document.getElementById('status').textContent.startsWith('bad_token')")
     page.wait_for_timeout(2500)  # and it does not retry in a loop
     assert page.text_content("#status").startswith("bad_token")
     assert server.rooms["demo"].viewers() == []
+
+
+def test_a_call_programs_link_is_not_joined_from_the_page(server: RunningServer,
+                                                          browser_page: Any) -> None:
+    page = browser_page
+    page.goto(server.join_url("demo", "sender"))
+    wait_js(page, "() => document.getElementById('status').textContent.includes('streamer.send')")
+    page.wait_for_timeout(500)
+    assert server.rooms["demo"].peers == {}  # it joined nothing, least of all the sender seat
+    assert page.js_errors == []
 
 
 def test_page_without_room_asks_for_one(server: RunningServer, browser_page: Any) -> None:
@@ -274,7 +286,7 @@ def test_page_without_room_asks_for_one(server: RunningServer, browser_page: Any
     page.goto(server.http_url + "/")
     assert page.is_visible("#join-form") and not page.is_visible("#call")
     page.fill("input[name=room]", "demo")
-    page.fill("input[name=token]", ROOMS["demo"])
+    page.fill("input[name=token]", server.token("demo", "viewer"))
     page.click("#join-form button")
     wait_js(page, "() => window.callState && window.callState.joined")
     assert page.is_visible("#call")
@@ -305,13 +317,15 @@ def test_browser_camera_goes_through_the_real_call(server: RunningServer, browse
     pytest.importorskip("streamer.send")
     pytest.importorskip("streamer.receive")
     page = browser_page
-    url = server.join_url("demo")
-    common = ["--url", url, "--ice-address", "127.0.0.1"]
+    url = server.join_url("demo", "camera")  # this page's camera feeds the sender
+    common = ["--ice-address", "127.0.0.1"]
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("receive", "send")}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "streamer.receive", *common, "--fps", "10"],
+        subprocess.Popen([sys.executable, "-m", "streamer.receive", "--url",
+                          server.join_url("demo", "receiver"), *common, "--fps", "10"],
                          cwd=ROOT, stdout=logs["receive"], stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "streamer.send", *common, "--source", "browser",
+        subprocess.Popen([sys.executable, "-m", "streamer.send", "--url",
+                          server.join_url("demo", "sender"), *common, "--source", "browser",
                           "--fps", "15"], cwd=ROOT, stdout=logs["send"], stderr=subprocess.STDOUT),
     ]
     try:

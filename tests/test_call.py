@@ -24,12 +24,14 @@ from streamer import receive, send
 from streamer.codec import bitstream
 from streamer.signaling import SignalingError, parse_join_url
 
-ROOM, TOKEN = "test", "secret-token"
+ROOM, SECRET = "test", "room-secret"  # each role's token derives from the room's secret
 pytestmark = pytest.mark.timeout(120)
 
 
-def common(srv) -> list[str]:
-    return ["--server", srv.ws_url, "--room", ROOM, "--token", TOKEN, "--ice-address", "127.0.0.1", "--quiet"]
+def common(srv, role: str) -> list[str]:
+    """The options of one end of the call: it joins with its own role's token."""
+    return ["--server", srv.ws_url, "--room", ROOM, "--token", srv.token(ROOM, role),
+            "--ice-address", "127.0.0.1", "--quiet"]
 
 
 async def wait_until(cond, timeout: float = 30.0, step: float = 0.05) -> None:
@@ -62,8 +64,8 @@ def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
     sent_codes: dict[int, np.ndarray] = {}
 
     async def main():
-        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
-            rx = Running(receive, common(srv) + ["--record", str(tmp_path / "call.mp4")])
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
+            rx = Running(receive, common(srv, "receiver") + ["--record", str(tmp_path / "call.mp4")])
             await wait_until(lambda: rx.obj is not None)
             show = rx.obj.show
 
@@ -73,7 +75,7 @@ def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
                 show(frame, image)
             rx.obj.show = spy_show
 
-            tx = Running(send, common(srv) + ["--source", "synthetic", "--fps", "5", "--measure"])
+            tx = Running(send, common(srv, "sender") + ["--source", "synthetic", "--fps", "5", "--measure"])
             await wait_until(lambda: tx.obj is not None)
             encode = tx.obj._encode
 
@@ -126,17 +128,17 @@ def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
 @pytest.mark.slow
 def test_receiver_resumes_after_the_sender_restarts():
     async def main():
-        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
-            rx = Running(receive, common(srv))
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
+            rx = Running(receive, common(srv, "receiver"))
             await wait_until(lambda: rx.obj is not None)
-            a = Running(send, common(srv) + ["--source", "synthetic", "--fps", "10"])
+            a = Running(send, common(srv, "sender") + ["--source", "synthetic", "--fps", "10"])
             await wait_until(lambda: rx.obj.shown >= 10)
             await a.finish()  # the sender quits (says bye)
             first = rx.obj.shown
-            b = Running(send, common(srv) + ["--source", "sample", "--fps", "10"])
+            b = Running(send, common(srv, "sender") + ["--source", "sample", "--fps", "10"])
             await wait_until(lambda: rx.obj.shown >= first + 10)
             # a third sender joins while b runs: it replaces b, b ends by itself
-            c = Running(send, common(srv) + ["--source", "synthetic", "--fps", "10"])
+            c = Running(send, common(srv, "sender") + ["--source", "synthetic", "--fps", "10"])
             await asyncio.wait_for(b.task, 20)
             second = rx.obj.shown
             await wait_until(lambda: rx.obj.shown >= second + 10)
@@ -152,13 +154,14 @@ def test_receiver_resumes_after_the_sender_restarts():
 @pytest.mark.slow
 def test_viewer_gets_stats_and_pictures_and_can_be_the_camera():
     async def main():
-        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
             async with connect(srv.ws_url) as viewer:
-                await viewer.send(json.dumps({"type": "join", "room": ROOM, "token": TOKEN, "role": "viewer"}))
+                await viewer.send(json.dumps({"type": "join", "room": ROOM, "role": "viewer",
+                                              "token": srv.token(ROOM, "camera")}))
                 assert json.loads(await viewer.recv())["type"] == "joined"
                 await viewer.send(json.dumps({"type": "camera", "on": True}))
-                rx = Running(receive, common(srv))
-                tx = Running(send, common(srv) + ["--source", "browser", "--fps", "10", "--share-original"])
+                rx = Running(receive, common(srv, "receiver"))
+                tx = Running(send, common(srv, "sender") + ["--source", "browser", "--fps", "10", "--share-original"])
                 stats, kinds = set(), set()
                 buf = io.BytesIO()
                 Image.fromarray(np.full((240, 320, 3), 90, np.uint8)).save(buf, format="JPEG")
@@ -206,12 +209,23 @@ def test_unreachable_server_and_bad_token_are_clear_messages(capsys):
     assert rc == 2 and "cannot reach the call server" in err and "Traceback" not in err
 
     async def bad_token():
-        async with run_server("127.0.0.1", 0, {ROOM: TOKEN}) as srv:
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
             args = receive.parse_args(["--server", srv.ws_url, "--room", ROOM, "--token", "wrong", "--quiet"])
             with pytest.raises(SignalingError, match="bad_token"):
                 await receive.amain(args)
-            args = receive.parse_args(["--server", srv.ws_url, "--room", "nope", "--token", TOKEN, "--quiet"])
-            with pytest.raises(SignalingError, match="unknown_room"):
+            # an unknown room answers like a wrong token: a guess tells nothing
+            args = receive.parse_args(["--server", srv.ws_url, "--room", "nope", "--token",
+                                       srv.token(ROOM, "receiver"), "--quiet"])
+            with pytest.raises(SignalingError, match="bad_token"):
+                await receive.amain(args)
+            # another role's token: refused by the server ...
+            args = receive.parse_args(["--server", srv.ws_url, "--room", ROOM, "--token",
+                                       srv.token(ROOM, "viewer"), "--quiet"])
+            with pytest.raises(SignalingError, match="bad_token"):
+                await receive.amain(args)
+            # ... and another role's link: said before joining
+            args = receive.parse_args(["--url", srv.join_url(ROOM, "viewer"), "--quiet"])
+            with pytest.raises(SignalingError, match="receiver:"):
                 await receive.amain(args)
     asyncio.run(bad_token())
     rc = receive.main(["--room", "r"])  # no token
@@ -221,6 +235,14 @@ def test_unreachable_server_and_bad_token_are_clear_messages(capsys):
 def test_join_url_parsing():
     assert parse_join_url("http://127.0.0.1:8765/?room=demo&token=abc") == ("ws://127.0.0.1:8765/ws", "demo", "abc")
     assert parse_join_url("https://example.org/?room=a&token=b")[0] == "wss://example.org/ws"
+    # the role a link is for travels with its token, and a link of another role is refused
+    ws, room, token = parse_join_url("http://h:1/?room=r&token=t&role=sender", role="sender")
+    assert (room, token, token.role) == ("r", "t", "sender")
+    assert parse_join_url("http://h:1/?room=r&token=t&role=camera", role="viewer")[2].role == "camera"
+    with pytest.raises(SignalingError, match="sender:"):
+        parse_join_url("http://h:1/?room=r&token=t&role=viewer", role="sender")
+    with pytest.raises(SignalingError, match="unknown role"):
+        parse_join_url("http://h:1/?room=r&token=t&role=admin")
     with pytest.raises(SignalingError):
         parse_join_url("http://127.0.0.1:8765/?room=demo")
     with pytest.raises(SignalingError):

@@ -24,7 +24,7 @@ from server import protocol as P
 from server.app import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = {"demo": "secret-token"}
+ROOMS = {"demo": "room-secret"}  # room → secret; each role's token derives from it
 
 
 def arun(coro: Any, timeout: float = 60) -> Any:
@@ -36,8 +36,10 @@ async def open_ws(srv: Any, **kwargs: Any) -> ClientConnection:
     return await connect(srv.ws_url, compression=None, max_size=P.WS_MAX_SIZE * 2, **kwargs)
 
 
-async def join(srv: Any, role: str, room: str = "demo", token: str = "secret-token",
+async def join(srv: Any, role: str, room: str = "demo", token: str | None = None,
                **kwargs: Any) -> tuple[ClientConnection, dict[str, Any]]:
+    """Join as `role` with that role's own token (unless `token` says otherwise)."""
+    token = srv.token(room, role) if token is None else token
     ws = await open_ws(srv, **kwargs)
     await ws.send(json.dumps({"type": "join", "room": room, "token": token, "role": role}))
     return ws, json.loads(await recv_text(ws))
@@ -163,8 +165,10 @@ def test_browser_camera_frames_reach_the_sender() -> None:
     async def body() -> None:
         async with run_server(rooms=ROOMS) as srv:
             sender, _ = await join(srv, "sender")
-            viewer, jv = await join(srv, "viewer")
-            other, jo = await join(srv, "viewer")
+            camera = srv.token("demo", "camera")  # viewers that may feed the camera
+            viewer, jv = await join(srv, "viewer", token=camera)
+            other, jo = await join(srv, "viewer", token=camera)
+            assert jv["may_send_camera"] is True
             frame = P.pack_frame(P.KIND_CAMERA, 1, b"\xff\xd8cam")
             await other.send(frame)  # not the camera owner: dropped, told once
             assert (await recv_type(other, "error"))["code"] == P.BAD_MESSAGE
@@ -220,8 +224,10 @@ def test_misplaced_messages_after_joining_are_reported_but_not_fatal() -> None:
 
 @pytest.mark.parametrize("join_msg, code", [
     ({"type": "join", "room": "demo", "token": "wrong", "role": "viewer"}, P.BAD_TOKEN),
-    ({"type": "join", "room": "nope", "token": "secret-token", "role": "viewer"}, P.UNKNOWN_ROOM),
-    ({"type": "join", "room": "demo", "token": "secret-token", "role": "admin"}, P.BAD_MESSAGE),
+    # an unknown room answers like a wrong token (test_server_security checks they match)
+    ({"type": "join", "room": "nope", "token": "x", "role": "viewer"}, P.BAD_TOKEN),
+    ({"type": "join", "room": "demo", "token": "room-secret", "role": "viewer"}, P.BAD_TOKEN),
+    ({"type": "join", "room": "demo", "token": "x", "role": "admin"}, P.BAD_MESSAGE),
     ({"type": "join", "room": "demo", "role": "viewer"}, P.BAD_MESSAGE),
     ({"type": "signal", "to": "x", "data": {}}, P.NOT_JOINED),
     (["join"], P.BAD_MESSAGE),
@@ -271,8 +277,8 @@ def test_too_many_viewers_are_refused() -> None:
             await join(srv, "viewer")
             await join(srv, "viewer")
             ws = await open_ws(srv)
-            await ws.send(json.dumps({"type": "join", "room": "demo", "token": "secret-token",
-                                      "role": "viewer"}))
+            await ws.send(json.dumps({"type": "join", "room": "demo",
+                                      "token": srv.token("demo", "viewer"), "role": "viewer"}))
             await expect_refusal(ws, P.ROOM_FULL, P.CLOSE_POLICY)
             _, joined = await join(srv, "sender")  # call peers don't count as viewers
             assert joined["type"] == "joined"
@@ -320,7 +326,7 @@ def test_static_files_and_content_types() -> None:
     async def body() -> None:
         async with run_server(rooms=ROOMS) as srv:
             def check() -> None:
-                status, headers, page = http_get(srv.port, "/?room=demo&token=secret-token")
+                status, headers, page = http_get(srv.port, "/?room=demo&token=t&role=viewer")
                 assert status == 200 and headers["content-type"].startswith("text/html")
                 assert page == (ROOT / "client" / "index.html").read_bytes()
                 assert "default-src 'self'" in headers["content-security-policy"]
@@ -448,18 +454,27 @@ def test_fifty_viewers_keep_the_frame_rate_while_one_stops_reading() -> None:
 # ---- command line ---------------------------------------------------------------------------
 
 
-def test_cli_prints_join_url_and_stops_cleanly_on_sigint() -> None:
+def test_cli_prints_one_join_url_per_role_and_stops_cleanly_on_sigint() -> None:
+    from server.tokens import role_token
+
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--room", "demo",
-                             "--token", "tok"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--secret", "tok"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        line = ""
+        links: dict[str, str] = {}
         deadline = time.monotonic() + 20
-        while "join:" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("join: http://127.0.0.1:") and line.strip().endswith(
-            "/?room=demo&token=tok"), line
-        port = int(line.split(":")[3].split("/")[0])
+        while len(links) < 4 and time.monotonic() < deadline:
+            words = proc.stdout.readline().split()  # type: ignore[union-attr]
+            if len(words) >= 3 and words[0].endswith(":") and words[1].startswith("http://"):
+                links[words[0][:-1]] = words[1]
+                assert words[2].startswith("("), words  # each says what it is for
+        assert set(links) == {"sender", "receiver", "camera", "viewers"}, links
+        for label, url in links.items():
+            role = label.rstrip("s") if label == "viewers" else label
+            assert url.startswith("http://127.0.0.1:") and url.endswith(
+                f"/?room=demo&token={role_token('tok', 'demo', role)}&role={role}"), url
+        assert "tok" not in "".join(links.values()).replace("token=", "")  # the secret is not
+        port = int(links["viewers"].split(":")[2].split("/")[0])
         assert http_get(port, "/")[0] == 200
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)

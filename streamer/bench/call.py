@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.tokens import role_token
 from streamer.backends import CHOICES
 from streamer.stats import percentile
 
@@ -133,25 +134,27 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-call-"))
-    token = secrets.token_hex(8)  # hex: never starts with "-", which argparse would take for an option
+    secret = secrets.token_hex(16)  # hex: never starts with "-", which argparse would take for an option
     room = "bench"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float | None] = {}
     load0 = os.getloadavg()
     startup = STARTUP_S + (COMPILE_S if args.backend in ("auto", "int8", "compile", "tensorrt") else 0)
     try:
-        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--token={token}"], tmp / "server.log")
+        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--secret={secret}"], tmp / "server.log")
         line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
         ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
-        common = ["--server", ws, "--room", room, f"--token={token}", "--ice-address", "127.0.0.1",
+        # each end holds its own role's token (docs/protocol.md, "Roles and tokens")
+        common = ["--server", ws, "--room", room, "--ice-address", "127.0.0.1",
                   "--weights", args.weights, "--backend", args.backend, "--threads", str(args.threads), "--quiet"]
         if args.rto_min is not None:
             common += ["--sctp-rto-min", str(args.rto_min)]
-        procs["receiver"] = _spawn(["-m", "streamer.receive", *common, "--frame-log", str(tmp / "frames.jsonl"),
+        procs["receiver"] = _spawn(["-m", "streamer.receive", *common,
+                                    f"--token={role_token(secret, room, 'receiver')}", "--frame-log", str(tmp / "frames.jsonl"),
                                     "--summary", str(tmp / "receiver.json")], tmp / "receiver.log")
         time.sleep(0.5)
         loss_s = args.loss_seconds if args.loss_seconds is not None else args.seconds / 2
-        send = ["-m", "streamer.send", *common, "--source", args.source, "--fps", str(args.fps),
+        send = ["-m", "streamer.send", *common, f"--token={role_token(secret, room, 'sender')}", "--source", args.source, "--fps", str(args.fps),
                 "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms),
                 "--seconds", str(args.seconds + startup), "--summary", str(tmp / "sender.json")]
         if args.size:

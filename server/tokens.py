@@ -1,0 +1,42 @@
+"""Per-role credentials of a room.
+
+A room has one secret (random, or given with `python -m server --secret`); it never travels.
+What a participant holds is the token of its role:
+
+    role_token(secret, room, role) = first 32 hex digits of HMAC-SHA256(secret, room + ":" + role)
+
+so a viewer's token tells nothing about the sender's (HMAC is a pseudo-random function of the
+secret), and a server given the same secret prints the same links again after a restart. The
+label is generic ("<room>:<seat>"): a later two-way call can give each of its seats ("caller1",
+"caller2", ...) its own token the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+TOKEN_HEX_DIGITS = 32  # 128 bits
+
+# The credentials a room hands out. "camera" is a viewer that may also feed the sender's
+# `--source browser` with its webcam; "viewer" only watches.
+CREDENTIALS = ("sender", "receiver", "camera", "viewer")
+
+
+def new_secret() -> str:
+    """A fresh random room secret."""
+    return secrets.token_hex(16)
+
+
+def role_token(secret: str, room: str, role: str) -> str:
+    """The token that lets its holder join `room` as `role`."""
+    mac = hmac.new(secret.encode("utf-8", "surrogatepass"),
+                   f"{room}:{role}".encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return mac.hexdigest()[:TOKEN_HEX_DIGITS]
+
+
+def matches(secret: str, room: str, role: str, token: str) -> bool:
+    """Constant-time check of `token` against the token of `role` in `room`."""
+    return hmac.compare_digest(role_token(secret, room, role).encode(),
+                               token.encode("utf-8", "surrogatepass"))
