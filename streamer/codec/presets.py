@@ -10,6 +10,14 @@ from ..errors import ConfigError
 
 STRIDE = 8  # three stride-2 stages: every frame side must be a multiple of this
 
+# Sane bounds on every field (min, max), far above any preset (the largest has 128 channels, 5x5
+# kernels, 3 blocks): a weights file is untrusted input, and without bounds one JSON number can ask
+# torch for terabytes or hours. `streamer.codec.weights` also caps the total parameter count.
+LIMITS: dict[str, tuple[int, int]] = {
+    "latent_channels": (1, 256), "width1": (1, 1024), "width2": (1, 1024), "res_blocks": (0, 64),
+    "kernel": (1, 15), "res_kernel": (1, 15), "linear_path": (0, 1),
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,25 +41,44 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """Strict: an object of known fields holding JSON integers (no strings, floats or
+        booleans); missing fields take the defaults (older files lack `linear_path`)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be an object, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = set(d) - set(known)
         if unknown:
-            raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: {sorted(known)}")
-        try:
-            cfg = cls(**{k: int(v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"bad model config {d}: {e}") from None
+            raise ConfigError(f"unknown model field(s) {sorted(unknown)[:8]}; valid: {', '.join(known)}")
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"model field {k} must be an integer, got {repr(v)[:40]}")
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < (0 if f.name in ("res_blocks", "linear_path") else 1):
-                raise ConfigError(f"model field {f.name} must be positive, got {getattr(self, f.name)}")
-        if self.linear_path not in (0, 1):
-            raise ConfigError(f"model field linear_path must be 0 or 1, got {self.linear_path}")
+            v, (lo, hi) = getattr(self, f.name), LIMITS[f.name]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"model field {f.name} must be an integer, got {repr(v)[:40]}")
+            if not lo <= v <= hi:
+                raise ConfigError(f"model field {f.name} must be in {lo}..{hi}, got {repr(v)[:40]}")
         if self.kernel % 2 == 0 or self.res_kernel % 2 == 0:
             raise ConfigError("kernel sizes must be odd (symmetric replicate padding)")
+
+    def parameter_count(self) -> int:
+        """Learned parameters of `CompressiveAutoencoder(self)`, by arithmetic (nothing is built):
+        lets a loader refuse a model too big to build. Mirrors model.py (a test checks it)."""
+        c, w1, w2, k, rk = self.latent_channels, self.width1, self.width2, self.kernel, self.res_kernel
+
+        def conv(cin: int, cout: int, kk: int) -> int:
+            return cin * cout * kk * kk + cout
+
+        res = self.res_blocks * 2 * (conv(w2, w2, rk) + 2 * w2)  # two convs + two batch norms each
+        enc = conv(3, w1, k) + 2 * w1 + conv(w1, w2, k) + 2 * w2 + res + conv(w2, c, k)
+        dec = (conv(c, 4 * w2, rk) + 2 * w2 + res + conv(w2, 4 * w1, rk) + 2 * w1 + conv(w1, 12, rk))
+        lin = conv(3, c, STRIDE) + conv(c, 3 * STRIDE * STRIDE, 1) if self.linear_path else 0
+        return enc + dec + lin
 
 
 PRESETS: dict[str, ModelConfig] = {
