@@ -16,8 +16,9 @@ import json
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Protocol, Union
 
 from . import tokens
 from .protocol import CALL_ROLES, CLOSE_POLICY
@@ -115,7 +116,7 @@ class Peer:
     """One joined websocket connection."""
 
     ws: Socket
-    room: "Room"
+    room: Room
     role: str
     name: str = ""
     peer_id: str = field(default_factory=lambda: secrets.token_hex(4))

@@ -21,20 +21,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from server.protocol import (CLOSE_REPLACED, KIND_CAMERA, KIND_DECODED, KIND_ORIGINAL, WS_PATH,
-                             pack_frame, unpack_frame)
+from server.protocol import (
+    CLOSE_REPLACED,
+    KIND_CAMERA,
+    KIND_DECODED,
+    KIND_ORIGINAL,
+    WS_PATH,
+    pack_frame,
+    unpack_frame,
+)
 
 from .errors import StreamerError
 
-__all__ = ["Signaling", "SignalingError", "Picture", "JoinToken", "parse_join_url",
-           "resolve_server", "KIND_DECODED", "KIND_ORIGINAL", "KIND_CAMERA"]
+__all__ = [
+    "KIND_CAMERA",
+    "KIND_DECODED",
+    "KIND_ORIGINAL",
+    "JoinToken",
+    "Picture",
+    "Signaling",
+    "SignalingError",
+    "parse_join_url",
+    "resolve_server",
+]
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
 URL_ROLES = ("sender", "receiver", "camera", "viewer")  # the links the server prints
@@ -47,7 +64,7 @@ class JoinToken(str):
 
     role: str | None = None
 
-    def __new__(cls, token: str, role: str | None = None) -> "JoinToken":
+    def __new__(cls, token: str, role: str | None = None) -> JoinToken:
         obj = super().__new__(cls, token)
         obj.role = role
         return obj

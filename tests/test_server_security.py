@@ -19,16 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_server import (
+    ROOMS,
+    arun,
+    expect_refusal,
+    http_get,
+    join,
+    open_ws,
+    recv_text,
+    recv_type,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from server import protocol as P
 from server.app import CallServer, ServerConfig, run_server
 from server.tokens import CREDENTIALS, role_token
-ROOT = Path(__file__).resolve().parents[1]
 
-from test_server import (ROOMS, arun, expect_refusal, http_get, join, open_ws, recv_text,
-                               recv_type)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def refused(srv: Any, role: str, token: str, room: str = "demo") -> dict[str, Any]:
