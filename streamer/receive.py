@@ -1,12 +1,14 @@
 """`python -m streamer.receive`: the receiving end of a call.
 
 Joins a room on the call server, answers the sender's WebRTC offer, reassembles latent slices
-into frames (concealing lost rows with the previous frame's latents), decodes the newest frame
-in a worker thread, and shows it: records it (`--record out.mp4`) and publishes it as JPEG
-(kind 1, latest only, at most --fps) to the room's browser viewers. Prints one stats line a
-second and sends the same numbers to viewers.
+into frames (concealing lost rows with the previous frame's latents) in a parse thread, decodes
+the newest frame in a decode thread, and shows it: records it (`--record out.mp4`) and
+publishes it as JPEG (kind 1, latest only, at most --fps) to the room's browser viewers. Prints
+when a call opens, when the sender leaves and comes back, and one stats line a second during a
+call, and sends the same numbers to viewers. Nothing a packet holds runs on the event loop: the
+signaling and the stats go on whatever arrives.
 
-    python -m streamer.receive --url 'http://127.0.0.1:8765/?room=demo&token=...' --ice-address 127.0.0.1
+    python -m streamer.receive --url 'http://127.0.0.1:8765/?room=demo&token=...&role=receiver' --ice-address 127.0.0.1
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import io
 import json
 import sys
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S, AssembledFrame, FrameAssembler
 from .codec import NeuralCodec
@@ -33,6 +35,9 @@ from .sources import now_us
 from .stats import CallStats, FrameLog, percentile
 
 STARTED = time.monotonic()
+# Packets waiting for the parse thread at most (~20 frames of slices): past it the newest are
+# dropped, so a flood cannot grow memory or delay the call by more than that.
+MAX_PARSE_BACKLOG = 128
 
 
 def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
@@ -47,11 +52,12 @@ class Receiver:
     def __init__(self, codec: NeuralCodec, sig: Signaling, *, ice_addresses: list[str] | None = None,
                  stun: list[str] = (), recorder: Recorder | None = None, fps: float = 30.0,
                  frame_log: FrameLog | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, frame_size: int | None = None) -> None:
         self.codec, self.sig = codec, sig
         self.ice, self.stun = ice_addresses, list(stun)
         self.recorder, self.fps, self.quiet = recorder, fps, quiet
         self.frame_log = frame_log or FrameLog(None)
+        self.frame_size = frame_size or codec.frame_size
         self.assembler = FrameAssembler(codec, deadline_s)
         self.stats = CallStats("recv")
         self.pc = None
@@ -60,6 +66,12 @@ class Receiver:
         self._wake = asyncio.Event()
         self._poll_handle: asyncio.TimerHandle | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+        # one thread owns the assembler: packets are parsed in arrival order, off the event loop
+        self._parse_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="parse")
+        self._parsing = 0  # packets handed to the parse thread and not yet done
+        self.overload = 0  # packets dropped because the parse thread was MAX_PARSE_BACKLOG behind
+        self.exit_code = 0
+        self.open = False  # a call's latent channel is open
         self._last_shown = -1
         self._last_publish = 0.0
         self._shown: OrderedDict[int, int] = OrderedDict()  # frame -> crc of complete shown frames
@@ -78,7 +90,7 @@ class Receiver:
         self.sender_id = sender_id
         self.calls += 1
         pc = self.pc = T.create_peer_connection(self.stun)
-        self.assembler.reset()
+        self._parse_pool.submit(self.assembler.reset)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -87,8 +99,11 @@ class Receiver:
 
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
-            handler = self.on_packet if channel.label == T.LATENT_LABEL else self.on_meta
-            channel.on("message", handler)
+            if channel.label == T.LATENT_LABEL:
+                channel.on("message", self.on_packet)
+                self._announce_open(sender_id)
+            else:
+                channel.on("message", self.on_meta)
 
         try:
             answer = await T.accept_offer(pc, offer, self.ice)
@@ -97,31 +112,56 @@ class Receiver:
             return
         await self.sig.signal(sender_id, answer)
 
+    def _announce_open(self, sender_id: str) -> None:
+        self.open = True
+        if not self.quiet:
+            again = " again" if self.calls > 1 else ""
+            print(f"receive: call open{again} with sender {sender_id}", flush=True)
+
     async def close_call(self) -> None:
-        pc, self.pc = self.pc, None
+        """Tear the peer connection down (bounded: aiortc's close can stall or raise)."""
+        pc, self.pc, self.open = self.pc, None, False
         if pc is not None:
-            await pc.close()
+            await cli.bounded(pc.close())
+
+    async def sender_left(self) -> None:
+        if not self.quiet:
+            print("receive: the sender left; waiting for it to come back", flush=True)
+        await self.close_call()
 
     # -- packets -> frames -----------------------------------------------------------------
     def on_packet(self, data: bytes | str) -> None:
         if isinstance(data, str):
             self.assembler.n.bad_packets += 1
             return
-        for frame in self.assembler.add(data):
-            self.offer_frame(frame)
-        self._arm_poll()
+        if self._parsing >= MAX_PARSE_BACKLOG:
+            self.overload += 1
+            return
+        self._hand_to_parser(self.assembler.add, data)
 
-    def _arm_poll(self) -> None:
-        deadline = self.assembler.next_deadline()
+    def _hand_to_parser(self, fn: Callable[..., list[AssembledFrame]], *args: Any) -> None:
+        """Run an assembler call on the parse thread; its frames come back here in order."""
+        self._parsing += 1
+        fut = asyncio.get_running_loop().run_in_executor(self._parse_pool, self._assemble, fn, *args)
+        fut.add_done_callback(self._assembled)
+
+    def _assemble(self, fn: Callable[..., list[AssembledFrame]], *args: Any) -> tuple[list[AssembledFrame], float | None]:
+        return fn(*args), self.assembler.next_deadline()
+
+    def _assembled(self, fut: "asyncio.Future[tuple[list[AssembledFrame], float | None]]") -> None:
+        self._parsing -= 1
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        frames, deadline = fut.result()
+        for frame in frames:
+            self.offer_frame(frame)
         if deadline is not None and self._poll_handle is None:
             self._poll_handle = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - time.monotonic()) + 0.001, self._poll)
 
     def _poll(self) -> None:
         self._poll_handle = None
-        for frame in self.assembler.poll():
-            self.offer_frame(frame)
-        self._arm_poll()
+        self._hand_to_parser(self.assembler.poll)
 
     def offer_frame(self, frame: AssembledFrame) -> None:
         """Latest-only hand-over to the decoder: an undecoded older frame is skipped."""
@@ -212,6 +252,7 @@ class Receiver:
         for key in ("lost", "concealed", "bad_packets", "foreign", "late"):
             self.stats.totals[key] = getattr(n, key)
         self.stats.totals["verified"] = self.verified
+        self.stats.totals["overload"] = self.overload
         self.stats.totals["mismatched"] = self.mismatched
         self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
         self.stats.values["decode_ms"] = round(sum(self._decode_ms) / len(self._decode_ms), 1) if self._decode_ms else None
@@ -222,7 +263,7 @@ class Receiver:
         while True:
             await asyncio.sleep(1.0)
             snap = self.snapshot()
-            if not self.quiet:
+            if not self.quiet and (self.open or snap.get("fps")):  # no 0-fps lines between calls
                 print(self.stats.line(snap), flush=True)
             await self.sig.send_stats(snap)
 
@@ -236,10 +277,10 @@ class Receiver:
                 data = msg["data"]
                 if data.get("type") == "offer" and "sdp" in data:
                     await self.on_offer(str(msg.get("from")), data)
-                elif data.get("type") == "bye" and msg.get("from") == self.sender_id:
-                    await self.close_call()
-            elif t == "peer_left" and msg.get("peer_id") == self.sender_id:
-                await self.close_call()
+                elif data.get("type") == "bye" and msg.get("from") == self.sender_id and self.pc is not None:
+                    await self.sender_left()
+            elif t == "peer_left" and msg.get("peer_id") == self.sender_id and self.pc is not None:
+                await self.sender_left()
             elif t == "error" and not self.quiet:
                 print(f"receive: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
 
@@ -249,18 +290,22 @@ class Receiver:
         try:
             await asyncio.wait([tasks[0], stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in tasks + [stopper]:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            stopper.cancel()
+            # the signaling socket first: a loop that swallowed its cancellation (inside aiortc's
+            # close) then finds its message stream ended instead of waiting on it for ever
+            await cli.bounded(self.sig.close())
+            await cli.finish_tasks(tasks)
             await self.close_call()
-            self._pool.shutdown(wait=True)
+            if self._poll_handle is not None:
+                self._poll_handle.cancel()
+            self._parse_pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def summary(self) -> dict[str, Any]:
         n = self.assembler.n
         lat = self.latencies
         return {"role": "receiver", "shown": self.shown, "complete": n.complete, "concealed": n.concealed,
+                "overload": self.overload,
                 "lost": n.lost, "bad_packets": n.bad_packets, "foreign": n.foreign, "late": n.late,
                 "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
                 "mismatched": self.mismatched, "bytes": n.bytes, "calls": self.calls,
@@ -272,7 +317,10 @@ class Receiver:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m streamer.receive", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    T.add_common_args(ap)
+    cli.add_common_args(ap)
+    ap.add_argument("--size", type=int, default=0,
+                    help="the call's frame side, as the sender's --size (default: the model's own); "
+                    "packets of any other shape are refused unparsed")
     ap.add_argument("--record", metavar="PATH", help="record the shown pictures (H.264 or MPEG-4, by PyAV)")
     ap.add_argument("--fps", type=float, default=30.0, help="most pictures per second published to viewers")
     ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
@@ -281,23 +329,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before loading a model or connecting (ConfigError, exit 2)."""
+    cli.check_common_args(args)
+    cli.require(args.fps > 0, f"--fps must be positive, got {args.fps:g}")
+    cli.require(args.deadline_ms > 0, f"--deadline-ms must be positive, got {args.deadline_ms:g}")
+    if args.record:
+        cli.check_writable(args.record, "--record")
+
+
 async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
                 on_start: Callable[[Receiver], None] | None = None) -> Receiver:
     """Run a receiver until `stop`, --seconds, or the server closes; returns it (counters).
     `on_start` gets the Receiver once it exists (tests reach in through it)."""
     stop = stop or asyncio.Event()
+    check_args(args)
     server, room, token = resolve_server(args.server, args.room, args.token, args.url)
     # the event loop shares the GIL with the codec thread: hand it over within 1 ms, not 5
     sys.setswitchinterval(0.001)
     ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
     T.tune_sctp(args.sctp_rto_min)
-    codec = T.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
-                          args.backend_cache)
+    codec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
+                           args.backend_cache)
+    size = cli.check_frame_size(codec, args.size)
     sig = Signaling(server, room, token, "receiver", name="streamer.receive")
     await sig.connect()
-    recorder = Recorder(args.record, args.fps) if args.record else None
+    loop = asyncio.get_running_loop()
+
+    def recording_failed(message: str) -> None:  # from the writer thread, at once
+        loop.call_soon_threadsafe(print, f"receive: {message}; the call goes on unrecorded", file=sys.stderr)
+
+    try:
+        recorder = Recorder(args.record, args.fps, on_error=recording_failed) if args.record else None
+    except BaseException:
+        await sig.close()
+        raise
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
-                  frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=args.quiet)
+                  frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=args.quiet,
+                  frame_size=size)
     if not args.quiet:
         print(f"receive: joined room {room!r} at {server} as {sig.peer_id}; waiting for a sender", flush=True)
     if on_start is not None:
@@ -307,21 +376,25 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     try:
         await rx.run(stop)
     finally:
-        await sig.close()
+        await cli.bounded(sig.close())
         if recorder is not None:
-            recorder.close()
-            if not args.quiet:
-                print(f"receive: recorded {recorder.written} frames to {args.record} ({recorder.codec_name})"
-                      + (f"; {recorder.error}" if recorder.error else ""), flush=True)
+            await loop.run_in_executor(None, recorder.close)
+            if recorder.error:
+                rx.exit_code = 1
+                print(f"receive: {recorder.error} (recorded {recorder.written} frames before it failed)",
+                      file=sys.stderr, flush=True)
+            elif not args.quiet:
+                print(f"receive: recorded {recorder.written} frames to {args.record} ({recorder.codec_name})",
+                      flush=True)
         rx.frame_log.close()
-    T.report_end("receive", sig, stop, args.summary, rx.summary)
+    cli.report_end("receive", sig, stop, args.summary, rx.summary)
     return rx
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return T.run_program("receive", lambda stop: amain(args, stop))
+    return cli.run_program("receive", lambda stop: amain(args, stop))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_now(main())

@@ -3,7 +3,10 @@
 A writer thread takes frames from a short queue and encodes them with PyAV: H.264 (libx264,
 `ultrafast`, so it does not steal the decoder's CPU) or MPEG-4 Part 2 where libx264 is absent.
 Timestamps come from the sender's capture clock, so dropped or concealed-and-skipped frames keep
-the recording's timing true. A full queue drops the frame (counted) instead of growing.
+the recording's timing true, whatever the arrival times: the encoder counts in milliseconds
+and every frame gets a later pts than the one before. A full queue drops the frame (counted)
+instead of growing. A failed write (a full disk) stops the recording, not the call, and is
+reported at once through `on_error`.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ import queue
 import threading
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
 
 from .errors import ConfigError
 
-QUEUE_FRAMES = 8
+QUEUE_FRAMES = 32  # ~1 s at 30 fps (4.8 MB at 224 px): rides out a busy CPU without dropping
 
 
 class Recorder:
-    def __init__(self, path: str | Path, fps: float = 30.0) -> None:
+    def __init__(self, path: str | Path, fps: float = 30.0, on_error: Callable[[str], None] | None = None) -> None:
+        """`on_error(message)` is called once, from the writer thread, when recording fails."""
         self.path = Path(path)
         self.fps = fps
+        self.on_error = on_error
         self.written = 0
         self.dropped = 0
         self.codec_name = ""
@@ -48,18 +54,22 @@ class Recorder:
             except (av.error.FFmpegError, ValueError):
                 continue
             s.width, s.height, s.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
-            s.time_base = Fraction(1, 1000)  # ms: capture timestamps give the pts
+            # ms: capture timestamps give the pts. The encoder must count in ms too: left at
+            # 1/fps, frames closer than one period round to the same pts and the muxer fails.
+            s.time_base = Fraction(1, 1000)
+            s.codec_context.time_base = Fraction(1, 1000)
             s.options = opts
             self._stream, self.codec_name = s, name
             return
         raise ConfigError("no H.264 or MPEG-4 encoder in this FFmpeg build")
 
-    def write(self, image: np.ndarray, timestamp_us: int) -> None:
-        """Queue one shown picture (never blocks; drops when the writer lags)."""
+    def write(self, image: np.ndarray, timestamp_us: int, block: bool = False) -> None:
+        """Queue one shown picture. A call never blocks (a lagging writer drops the frame);
+        `block=True` waits for room instead (offline use, where every frame counts)."""
         if self.error is not None:
             return
         try:
-            self._q.put_nowait((image, timestamp_us))
+            self._q.put((image, timestamp_us), block=block, timeout=10 if block else None)
         except queue.Full:
             self.dropped += 1
 
@@ -73,6 +83,8 @@ class Recorder:
                 self._encode(image, ts)
             except Exception as e:  # noqa: BLE001 - a full disk must not end the call
                 self.error = f"recording to {self.path} failed: {e}"
+                if self.on_error is not None:
+                    self.on_error(self.error)
                 break
 
     def _encode(self, image: np.ndarray, ts: int) -> None:
@@ -95,10 +107,11 @@ class Recorder:
 
     def close(self) -> None:
         """Flush and close the file (blocks until the writer is done)."""
-        try:
-            self._q.put(None, timeout=5)
-        except queue.Full:  # the writer died with a full queue
-            pass
+        if self._thread.is_alive():
+            try:
+                self._q.put(None, timeout=5)
+            except queue.Full:  # the writer died with a full queue
+                pass
         self._thread.join(timeout=30)
         try:
             if self._stream is not None:

@@ -7,7 +7,7 @@ channel ("meta") carries the CRC32 of the codes (the receiver proves its latents
 with --measure, the PSNR of the sender's own decode of the same codes (which is what the
 receiver shows for a complete frame). Prints one stats line a second.
 
-    python -m streamer.send --url 'http://127.0.0.1:8765/?room=demo&token=...' --source sample \\
+    python -m streamer.send --url 'http://127.0.0.1:8765/?room=demo&token=...&role=sender' --source sample \\
         --ice-address 127.0.0.1
 """
 
@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import cli
 from . import transport as T
 from .assembler import codes_crc
 from .codec import NeuralCodec
@@ -102,9 +103,10 @@ class Sender:
                 print("send: simulated loss ended", flush=True)
 
     async def close_call(self) -> None:
+        """Tear the peer connection down (bounded: aiortc's close can stall or raise)."""
         pc, self.pc, self.channel, self.meta = self.pc, None, None, None
         if pc is not None:
-            await pc.close()
+            await cli.bounded(pc.close())
 
     # -- frames ----------------------------------------------------------------------------
     def _encode(self, cap: CapturedFrame, number: int) -> tuple[list[bytes], Any, float]:
@@ -234,17 +236,17 @@ class Sender:
                 if t is not stopper and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # e.g. SourceError from the capture thread
         finally:
-            for t in tasks + [stopper]:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            stopper.cancel()
             if self.receiver_id and self.pc is not None:
-                await self.sig.signal(self.receiver_id, {"type": "bye"})
+                await cli.bounded(self.sig.signal(self.receiver_id, {"type": "bye"}))
+            # the signaling socket first: a loop that swallowed its cancellation (inside aiortc's
+            # close) then finds its message stream ended instead of waiting on it for ever
+            await cli.bounded(self.sig.close())
+            await cli.finish_tasks(tasks)
             await self.close_call()
             self.source.close()
-            self._pool.shutdown(wait=True)
-            self._measure_pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._measure_pool.shutdown(wait=False, cancel_futures=True)
 
     def summary(self) -> dict[str, Any]:
         return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),
@@ -258,7 +260,7 @@ class Sender:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m streamer.send", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    T.add_common_args(ap)
+    cli.add_common_args(ap)
     ap.add_argument("--source", default="auto",
                     help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | browser | PATH")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
@@ -279,21 +281,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before loading a model or connecting (ConfigError, exit 2)."""
+    cli.check_common_args(args)
+    cli.require(0 < args.fps <= 240, f"--fps must be in (0, 240], got {args.fps:g}")
+    cli.require(0 <= args.simulate_loss < 1, f"--simulate-loss must be in [0, 1), got {args.simulate_loss:g}")
+    cli.require(args.loss_seconds >= 0, f"--loss-seconds must be 0 or more, got {args.loss_seconds:g}")
+    cli.require(args.lifetime_ms >= 1, f"--lifetime-ms must be at least 1, got {args.lifetime_ms}")
+
+
 async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
                 on_start: Callable[[Sender], None] | None = None) -> Sender:
     """Run a sender until `stop`, --seconds, or the server closes; returns it (counters).
     `on_start` gets the Sender once it exists (tests reach in through it)."""
     stop = stop or asyncio.Event()
+    check_args(args)
     server, room, token = resolve_server(args.server, args.room, args.token, args.url)
     # the event loop shares the GIL with the codec thread: hand it over within 1 ms, not 5
     sys.setswitchinterval(0.001)
     ice = list(T.check_ice_addresses(args.ice_address)) if args.ice_address else None
     cfg = T.TransportConfig(args.transport, args.lifetime_ms)
     T.tune_sctp(args.sctp_rto_min)
-    codec = T.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
-                          args.backend_cache)
+    codec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
+                           args.backend_cache)
     codec.quantizer.check_level(args.level)  # a bad --level: say so before joining the room
-    size = args.size or codec.frame_size
+    size = cli.check_frame_size(codec, args.size)
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
     sig = Signaling(server, room, token, "sender", name="streamer.send")
     try:
@@ -314,15 +326,15 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     try:
         await tx.run(stop)
     finally:
-        await sig.close()
-    T.report_end("send", sig, stop, args.summary, tx.summary)
+        await cli.bounded(sig.close())
+    cli.report_end("send", sig, stop, args.summary, tx.summary)
     return tx
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return T.run_program("send", lambda stop: amain(args, stop))
+    return cli.run_program("send", lambda stop: amain(args, stop))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_now(main())

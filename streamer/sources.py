@@ -49,16 +49,15 @@ class CapturedFrame:
 def prepare(frame: np.ndarray, size: int, method: str = "gaussian") -> np.ndarray:
     """Any RGB frame -> (size, size, 3): centre-crop a square of side size*k, shrink by 1/k.
 
-    A frame smaller than the model is first enlarged (Pillow, bicubic) so its short side is
-    `size`: a tiny browser camera still makes a call instead of an error."""
+    A frame smaller than the model has its centred square enlarged (Pillow, bicubic) to `size`:
+    a tiny browser camera still makes a call instead of an error. Only the square is enlarged,
+    so the work is bounded by size² whatever the frame's shape."""
     h, w = frame.shape[:2]
     if min(h, w) < size:
         from PIL import Image
 
-        f = size / min(h, w)
-        nw, nh = max(size, math.ceil(w * f)), max(size, math.ceil(h * f))
-        frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BICUBIC))
-        h, w = frame.shape[:2]
+        square = antialias.centre_crop(frame, min(h, w))
+        return np.asarray(Image.fromarray(np.ascontiguousarray(square)).resize((size, size), Image.BICUBIC))
     side, k = antialias.crop_side_for(size, h, w)
     square = antialias.centre_crop(frame, side)
     if k == 1:
@@ -373,7 +372,8 @@ class BrowserSource(FrameSource):
         self._jpeg: tuple[bytes, int] | None = None
         self._have = threading.Event()
         self.received = 0
-        self.bad = 0  # undecodable JPEGs
+        self.bad = 0  # undecodable or refused pictures (skipped; the call goes on)
+        self.last_error = ""
 
     def push_jpeg(self, jpeg: bytes, timestamp_us: int | None = None) -> None:
         """Called from the event loop for each kind-3 message; never blocks."""
@@ -397,30 +397,58 @@ class BrowserSource(FrameSource):
         jpeg, ts = item
         try:
             image = decode_jpeg(jpeg, self.size)
-        except SourceError:
+        except SourceError as e:
             self.bad += 1
+            self.last_error = str(e)
             return None
         self._pending_ts = ts
         return image
 
     def _emit(self, raw: np.ndarray, timestamp_us: int | None = None) -> None:
-        super()._emit(raw, getattr(self, "_pending_ts", None))
+        try:
+            super()._emit(raw, getattr(self, "_pending_ts", None))
+        except (FrameSizeError, ValueError, MemoryError) as e:  # one bad picture, not the end of the call
+            self.bad += 1
+            self.last_error = str(e)
+
+
+# Browser-camera pictures: what a camera sends, with room to spare. The header is checked
+# before any pixel is decoded, so a picture that claims more costs nothing.
+MAX_CAMERA_PIXELS = 3840 * 2160
+MAX_CAMERA_SIDE = 4096
+MAX_CAMERA_ASPECT = 4.0  # the call crops a centred square: a 65000x1 strip is no camera
 
 
 def decode_jpeg(data: bytes, min_side: int = 0) -> np.ndarray:
     """JPEG bytes -> RGB uint8; with min_side, DCT-domain downscaling (Pillow's draft mode)
-    keeps at least that many pixels on the short side, which makes large camera frames cheap."""
-    from PIL import Image, UnidentifiedImageError
+    keeps at least that many pixels on the short side, which makes large camera frames cheap.
+
+    Only JPEG (the protocol's picture format) of at most MAX_CAMERA_PIXELS, MAX_CAMERA_SIDE on
+    a side and MAX_CAMERA_ASPECT, checked from the header before decoding. Any failure is a
+    `SourceError`: a hostile or broken picture is skipped and the call goes on."""
+    import warnings
+
+    from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(data))
-        if min_side and img.format == "JPEG":
-            w, h = img.size
+        with warnings.catch_warnings():  # Pillow's bomb warning: the checks below are stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if img.format != "JPEG":
+            raise SourceError(f"camera frame is {img.format or 'unknown'}, not JPEG")
+        if (w * h > MAX_CAMERA_PIXELS or max(w, h) > MAX_CAMERA_SIDE
+                or max(w, h) > MAX_CAMERA_ASPECT * max(1, min(w, h))):
+            raise SourceError(f"camera frame of {w}x{h} refused (at most {MAX_CAMERA_SIDE} px a side, "
+                              f"{MAX_CAMERA_PIXELS} pixels, aspect {MAX_CAMERA_ASPECT:g}:1)")
+        if min_side:
             f = min_side / max(1, min(w, h))
             img.draft("RGB", (math.ceil(w * f), math.ceil(h * f)))
         return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SourceError(f"undecodable camera frame: {e}") from None
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (DecompressionBombError, ...)
+        raise SourceError(f"undecodable camera frame: {type(e).__name__}: {e}") from None
 
 
 def open_source(spec: str, size: int = 224, fps: float = 30.0, quiet: bool = False) -> FrameSource:
@@ -446,9 +474,11 @@ def open_source(spec: str, size: int = 224, fps: float = 30.0, quiet: bool = Fal
         return WebcamSource(spec.partition(":")[2] or None, size, fps)
     if spec == "browser":
         return BrowserSource(size, fps)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.exists():
         return FileSource(path, size, fps)
+    if path.suffix or "/" in spec or "\\" in spec:  # meant as a file
+        raise SourceError(f"no such file: {spec}")
     raise SourceError(f"unknown source {spec!r}: use one of {', '.join(SOURCE_NAMES)}, webcam:DEVICE, "
                       "or the path of a video file")
 

@@ -35,27 +35,18 @@ a lossy network.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import contextvars
 import ipaddress
-import json
 import random
 import re
-import signal
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from .errors import ConfigError, StreamerError
-
-if TYPE_CHECKING:
-    from .codec import NeuralCodec
+from .errors import ConfigError
 
 TRANSPORTS = ("slices", "lifetime")
 DEFAULT_TRANSPORT = "slices"
@@ -284,86 +275,3 @@ def tune_sctp(rto_min_s: float | None) -> None:
 __all__ = ["TRANSPORTS", "SLICE_BYTES", "TransportConfig", "ChannelSender", "LossInjector", "create_channels",
            "create_peer_connection", "make_offer", "accept_offer", "accept_answer", "restrict_ice",
            "filter_remote_candidates", "tune_sctp", "check_ice_addresses"]
-
-
-# -- shared CLI pieces of send/receive ------------------------------------------------------
-
-def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """Options both ends take: server, room, token, join URL, weights, backend, ICE, threads."""
-    ap.add_argument("--server", help="call server websocket, e.g. ws://127.0.0.1:8765/ws (default: that)")
-    ap.add_argument("--room", help="room name")
-    ap.add_argument("--token", help="the room's token")
-    ap.add_argument("--url", help="a join URL instead of --server/--room/--token: "
-                    "http://127.0.0.1:8765/?room=R&token=T")
-    ap.add_argument("--weights", default="default", help="model name or path (default: the shipped default)")
-    from .backends import add_backend_arguments
-
-    # eager by default: int8 is faster but compiles for ~20 s at start (README, "Backends")
-    add_backend_arguments(ap, default="eager")
-    ap.add_argument("--ice-address", action="append", metavar="IP",
-                    help="gather ICE host candidates on exactly this address (repeatable; "
-                    "e.g. 127.0.0.1 for a loopback call; default: every interface)")
-    ap.add_argument("--stun", action="append", default=[], metavar="URL",
-                    help="a STUN server (repeatable; default none: no traffic leaves for one)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a small shared CPU, intra-op threads "
-                    "fight the other end of the call and get slower, not faster)")
-    ap.add_argument("--sctp-rto-min", type=float, default=DEFAULT_RTO_MIN_S, metavar="S",
-                    help=f"minimum SCTP retransmission timeout (default {DEFAULT_RTO_MIN_S:g} s; aiortc's is 1 s, "
-                    "which freezes a lossy call for a second whenever the last chunks in flight are lost)")
-    ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: run until Ctrl-C)")
-    ap.add_argument("--summary", metavar="PATH", help="write a JSON summary here at exit (for the bench)")
-    ap.add_argument("--quiet", action="store_true", help="no per-second stats line")
-
-
-def report_end(prog: str, sig: Any, stop: asyncio.Event, summary_path: str | None,
-               summary: Callable[[], dict[str, Any]]) -> None:
-    """After a call: say why the server ended it (unless we were asked to stop), and write the
-    JSON summary the bench reads."""
-    if sig.closed_reason and not stop.is_set():
-        print(f"{prog}: {sig.closed_reason}", file=sys.stderr)
-    if summary_path:
-        with open(summary_path, "w") as f:
-            json.dump(summary(), f)
-
-
-def run_program(prog: str, amain: Callable[[asyncio.Event], Awaitable[Any]]) -> int:
-    """Run one end of a call until it ends or Ctrl-C / SIGTERM; user mistakes (a bad URL or
-    token, an unreachable server, a missing webcam or model) become one line and exit code 2."""
-    from .signaling import SignalingError
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(s, stop.set)
-        await amain(stop)
-
-    try:
-        asyncio.run(run())
-    except SignalingError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except StreamerError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def load_codec(weights: str, backend: str = "eager", threads: int | None = 1, precision: str | None = None,
-               cache_dir: "Path | None" = None) -> "NeuralCodec":
-    """The model for a call: the named weights, torch threads set, and the requested backend."""
-    import torch
-
-    from .backends import apply_backend
-    from .roundtrip import load_codec as _load
-
-    if threads:
-        torch.set_num_threads(threads)
-    codec = apply_backend(_load(weights), backend, precision=precision, cache_dir=cache_dir)
-    if backend != "eager":
-        print(f"backend: {codec.backend}", file=sys.stderr)
-    return codec

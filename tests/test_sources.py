@@ -130,7 +130,11 @@ def test_auto_falls_back_to_the_sample(capsys):
 
 def test_unknown_source_and_missing_file():
     with pytest.raises(SourceError, match="unknown source"):
+        open_source("webcamm")
+    with pytest.raises(SourceError, match="no such file: nope-not-a-file.mp4"):
         open_source("nope-not-a-file.mp4")
+    with pytest.raises(SourceError, match="no such file: clips/talk"):
+        open_source("clips/talk")
     with pytest.raises(SourceError):
         FileSource("/nonexistent/clip.mp4")
 
@@ -146,6 +150,69 @@ def test_decode_jpeg_and_garbage():
     assert img.shape[2] == 3 and min(img.shape[:2]) >= 224
     with pytest.raises(SourceError, match="undecodable"):
         decode_jpeg(b"\xff\xd8garbage")
+
+
+def jpeg_claiming(w: int, h: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) claims w x h: nothing but the header lies."""
+    data = bytearray(jpeg_bytes(16, 16))
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A PNG whose IHDR (with a valid CRC) claims w x h, over one compressed row of zeros."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * w + 1))) + chunk(b"IEND", b"")
+
+
+def strip_jpeg(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 90, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,make", [
+    ("65500x65500 JPEG header (a decompression bomb)", lambda: jpeg_claiming(65500, 65500)),
+    ("65000x1 JPEG (a 13 GB upscale)", lambda: strip_jpeg(65000, 1)),
+    ("12000x12000 PNG", lambda: png_claiming(12000, 12000)),
+    ("5000x3000 JPEG header (over the pixel cap)", lambda: jpeg_claiming(5000, 3000)),
+    ("garbage", lambda: b"\xff\xd8\xff\xe0 not really"),
+])
+def test_hostile_camera_pictures_are_source_errors(name, make):
+    data = make()
+    with pytest.raises(SourceError):
+        decode_jpeg(data, min_side=224)
+
+
+def test_browser_source_survives_hostile_pictures():
+    """Each hostile picture is skipped and counted; the next good one still becomes a frame."""
+    async def main():
+        src = BrowserSource(64, fps=30)
+        src.start()
+        try:
+            for bad in (jpeg_claiming(65500, 65500), strip_jpeg(65000, 1), png_claiming(12000, 12000)):
+                src.push_jpeg(bad)
+                await asyncio.sleep(0.3)
+            src.push_jpeg(jpeg_bytes(160, 120, 60))
+            f = await asyncio.wait_for(src.frame(), 5)
+            assert abs(int(f.image.mean()) - 60) < 4
+            assert src.bad == 3 and src.last_error
+        finally:
+            src.close()
+    run(main())
+
+
+def test_prepare_enlarges_only_the_centre_square():
+    strip = np.zeros((2, 6000, 3), np.uint8)  # enlarging all of it to 224 rows would be 4 GB
+    strip[:, 2999:3001] = 255
+    out = prepare(strip, 64)
+    assert out.shape == (64, 64, 3) and out.mean() > 100  # the centre 2x2 square, enlarged
 
 
 def test_browser_source_takes_pushed_jpegs():

@@ -1,0 +1,157 @@
+"""The call's programs as a user runs them: every mistake is one line and exit code 2, said
+before anything connects; Ctrl-C ends both ends within seconds, without a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+
+def closed_port() -> int:
+    """A port nobody listens on: a program that tried to connect would fail there instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(module: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+
+
+NOWHERE = ["--server", f"ws://127.0.0.1:{closed_port()}/ws", "--room", "demo", "--token", "t"]
+
+MISTAKES = [
+    # (module, extra argv, what the one line must say)
+    ("streamer.send", ["--size", "100"], "--size 100"),
+    ("streamer.send", ["--size", "-8"], "--size must be"),
+    ("streamer.send", ["--source", "no-such-clip.mp4"], "no such file: no-such-clip.mp4"),
+    ("streamer.send", ["--source", "webcamm"], "unknown source"),
+    ("streamer.send", ["--fps", "0"], "--fps must be"),
+    ("streamer.send", ["--level", "99"], "quantizer level 99"),
+    ("streamer.send", ["--simulate-loss", "1.5"], "--simulate-loss"),
+    ("streamer.send", ["--weights", "/no/such/weights"], "weights"),
+    ("streamer.send", ["--threads", "0"], "--threads"),
+    ("streamer.send", ["--ice-address", "not-an-ip"], "not an IP address"),
+    ("streamer.receive", ["--size", "100"], "--size 100"),
+    ("streamer.receive", ["--record", "/proc/no/such/dir/out.mp4"], "--record"),
+    ("streamer.receive", ["--deadline-ms", "0"], "--deadline-ms"),
+    ("streamer.receive", ["--seconds", "-1"], "--seconds"),
+    ("streamer.receive", ["--weights", "/no/such/weights"], "weights"),
+]
+
+
+@pytest.mark.parametrize("module,argv,says", MISTAKES, ids=[f"{m.split('.')[1]} {' '.join(a)}" for m, a, _ in MISTAKES])
+def test_a_mistake_is_one_line_and_exit_2_before_connecting(module, argv, says, capsys):
+    """In-process through the programs' own `main` (what `python -m` runs), for speed; the
+    test below runs one as a real process."""
+    import importlib
+
+    code = importlib.import_module(module).main([*NOWHERE, *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert says in lines[0] and "Traceback" not in err
+    assert "cannot reach the call server" not in lines[0]  # said before trying to connect
+
+
+def test_without_a_server_the_one_line_says_so():
+    r = run("streamer.receive", *NOWHERE)
+    assert r.returncode == 2 and "cannot reach the call server" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+class Program:
+    """One end of a call as a child process, its output read as it comes."""
+
+    def __init__(self, module: str, *argv: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: [k.append(line) for line in s], daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 90) -> None:
+        end = time.monotonic() + timeout
+        while not any(text in line for line in self.out):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"no {text!r}; out: {''.join(self.out)} err: {''.join(self.err)}")
+            time.sleep(0.05)
+
+    def interrupt(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def ended_within(self, seconds: float) -> float:
+        t0 = time.monotonic()
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            spy = Path(sys.executable).with_name("py-spy")  # where it is installed: say where it hangs
+            if spy.exists():
+                subprocess.run([str(spy), "dump", "--pid", str(self.proc.pid)], timeout=30)
+            self.proc.kill()
+            raise AssertionError(f"still running {seconds} s after Ctrl-C; out: {''.join(self.out[-5:])}")
+        return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_both_ends_within_3_s_even_while_the_other_leaves():
+    """The race that hung the receiver: Ctrl-C reaches it while the sender is leaving (its
+    teardown of the peer connection swallows the cancellation). Three calls, three ways."""
+    from server.app import serve_in_thread
+
+    with serve_in_thread(rooms={"demo": "secret"}) as srv:
+        common = ["--ice-address", "127.0.0.1"]
+        for order in ("together", "sender first", "receiver first"):
+            rx = Program("streamer.receive", "--url", srv.join_url("demo", "receiver"), *common)
+            tx = Program("streamer.send", "--url", srv.join_url("demo", "sender"), "--source", "synthetic",
+                         "--fps", "10", *common)
+            rx.wait_for("call open")
+            rx.wait_for("fps")  # frames are flowing
+            first, second = (tx, rx) if order != "receiver first" else (rx, tx)
+            first.interrupt()
+            if order != "together":
+                time.sleep(0.3)
+            second.interrupt()
+            for p in (first, second):
+                took = p.ended_within(3.0)
+                assert p.proc.returncode == 0, (order, "".join(p.err))
+                assert "Traceback" not in "".join(p.err), (order, took, "".join(p.err))
+
+
+@pytest.mark.slow
+def test_receiver_says_when_the_sender_leaves_and_comes_back():
+    from server.app import serve_in_thread
+
+    with serve_in_thread(rooms={"demo": "secret"}) as srv:
+        common = ["--ice-address", "127.0.0.1"]
+        rx = Program("streamer.receive", "--url", srv.join_url("demo", "receiver"), *common)
+        rx.wait_for("waiting for a sender")
+        tx = Program("streamer.send", "--url", srv.join_url("demo", "sender"), "--source", "synthetic", "--fps", "10",
+                     *common)
+        rx.wait_for("call open")
+        tx.interrupt()
+        tx.ended_within(3.0)
+        rx.wait_for("the sender left")
+        tx = Program("streamer.send", "--url", srv.join_url("demo", "sender"), "--source", "synthetic", "--fps", "10",
+                     *common)
+        rx.wait_for("call open again")
+        for p in (tx, rx):
+            p.interrupt()
+        for p in (tx, rx):
+            p.ended_within(3.0)
