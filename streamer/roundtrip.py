@@ -25,14 +25,8 @@ from .video import SAMPLE_CLIP, VideoWriter, frame_rate, read_frames
 
 
 def load_codec(weights: str) -> NeuralCodec:
-    """The named weights; for the shipped default, untrained `lite` weights if none ship yet."""
-    try:
-        return NeuralCodec.load(weights)
-    except StreamerError as e:
-        if weights != "default":
-            raise
-        print(f"warning: {e}\nwarning: using untrained 'lite' weights (expect a low PSNR)", file=sys.stderr)
-        return NeuralCodec.untrained("lite")
+    """The named weights (a missing file is a WeightsError: never a silent untrained model)."""
+    return NeuralCodec.load(weights)
 
 
 def prepare(frame: np.ndarray, size: int, method: str = "gaussian") -> np.ndarray:

@@ -346,9 +346,10 @@ async def _transport_run(mode: str, args: argparse.Namespace, packets_of: Any, c
 
 def transport_only(args: argparse.Namespace) -> dict[str, Any]:
     from streamer import transport as T
+    from streamer.cli import load_codec
     from streamer.sources import open_source
 
-    codec = T.load_codec(args.weights, "eager", args.threads)
+    codec = load_codec(args.weights, "eager", args.threads)
     T.tune_sctp(args.rto_min if args.rto_min is not None else T.DEFAULT_RTO_MIN_S)
     src = open_source(args.source, args.size or codec.frame_size, 1000.0, quiet=True)
     frames = []
