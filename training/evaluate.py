@@ -44,6 +44,7 @@ from streamer.errors import StreamerError
 from streamer.roundtrip import decode_packets
 
 from . import data as D
+from .config import check_media, require_extra
 from .metrics import ms_ssim, mse_uint8, summarize_psnr
 
 X264_RATES_KBPS = (100, 300, 500, 700)
@@ -256,6 +257,8 @@ def evaluate(weights: str, data_dir: Path, per_clip: int = 8, x264_preset: str =
     codec = apply_backend(NeuralCodec.load(weights), backend, precision=precision, cache_dir=cache_dir)
     size = codec.frame_size
     clips = load_clips(data_dir, size, per_clip)
+    if not clips:
+        raise StreamerError(f"no readable video or image under {data_dir} (each is listed above as skipped)")
     measured = [(c, i) for c in clips for i in c.sampled]
     log(f"{len(clips)} sources, {len(measured)} measured frames at {size} px ({time.time() - t0:.0f} s)")
     results: list[Result] = []
@@ -406,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     add_backend_arguments(ap, default="eager")
     args = ap.parse_args(argv)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
-    if not Path(args.data).is_dir():
-        print(f"evaluate: error: no folder {args.data}", file=sys.stderr)
-        return 2
     try:
+        check_media(args.data, "--data")  # mistakes up front, before minutes of work
+        if args.out:
+            require_extra("matplotlib")  # the plot
         report = evaluate(args.weights, Path(args.data), args.frames_per_clip, args.x264_preset, log=log,
                           threads=args.threads, backend=args.backend, precision=args.backend_precision,
                           cache_dir=args.backend_cache)

@@ -21,6 +21,7 @@ from streamer.codec import NeuralCodec, entropy, weights
 from streamer.errors import StreamerError
 
 from . import data as D
+from .config import check_media, require_extra
 
 
 def fit_tables(codec: NeuralCodec, frames: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -36,7 +37,7 @@ def training_frames(root: str, size: int, count: int, every_s: float = 0.25,
     cache = D.FrameCache(D.folder_sources(root), size=size, every_s=every_s, cache_dir=cache_dir).build()
     frames = [f for f in D.CentreCrops(cache, size).frames if f.shape[0] == size]
     if not frames:
-        raise StreamerError(f"no training frames of {size} px under {root}")
+        raise StreamerError(f"no readable training frames of {size} px under {root}")
     pick = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
     return np.stack([frames[i] for i in pick])
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
+        check_media(args.train, "--train")  # mistakes up front, before minutes of work
+        require_extra("tqdm")  # the frame cache's progress bar
         cfg, model, _ = weights.load(args.weights, entropy_tables=False)  # old tables are replaced
         if cfg.quantizer.mode not in ("step", "fixed"):
             raise StreamerError(f"a {cfg.quantizer.mode} quantizer has no fixed codes to fit tables on")

@@ -15,10 +15,13 @@ The config is a TOML file whose sections go straight to constructors:
   [data]  -> DataConfig(**)                  [stage1], [stage2] -> StageConfig(**)
 Top-level keys: name, seed, threads, out_dir, log_dir, export, frame_size, stages, machine,
 init_from (stage-1 codec weights for a stage-2-only run, e.g. the seed's experiments 3, 5, 7).
+training/config.py holds DataConfig and StageConfig and checks every key, type, preset and data
+folder before any slow work: `main` prints a mistake as one line on stderr and exits 2.
 
 Outputs (out_dir): ckpt.safetensors + ckpt.json (resumable, pickle-free), best-stage1.* and
 best.* (codec weights via streamer.codec.weights.save, best by validation PSNR); `export`
-(optional) gets a copy of best.* each time it improves. TensorBoard logs go to log_dir.
+(optional) gets a copy of best.* each time it improves. TensorBoard logs go to log_dir. The run
+ends by listing where these went.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ import os
 import platform
 import sys
 import time
-import tomllib
-from dataclasses import dataclass
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,70 +44,11 @@ from torch import nn
 
 from streamer.codec import CompressiveAutoencoder, Quantizer, QuantizerConfig, get_preset, to_uint8
 from streamer.codec import weights as codec_weights
+from streamer.errors import ConfigError, StreamerError
 
 from . import data as D
 from .checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
-
-
-# -----------------------------------------------------------------------------------------------
-# configuration
-
-@dataclass
-class DataConfig:
-    train: str = "/work/shared/data/train"  # a folder of videos/images, or a VoxCeleb2 root
-    val: str = "/work/shared/data/val"
-    layout: str = "folder"  # "folder" or "voxceleb"
-    partition: str = "dev"  # voxceleb: the partition to draw train (and val, by identity) from
-    val_fraction: float = 0.1  # voxceleb: share of identities held out for val
-    utterances: int | None = None  # voxceleb: number of utterances drawn at random
-    every_s: float = 0.25  # one training frame every this many seconds (the seed: 10)
-    cache_size: int = 224  # cached squares: the call's framing at this size
-    cache_dir: str = "cache/frames"
-    val_frames_per_clip: int = 6
-    synthetic: int = 0  # > 0: this many generated frames instead of files (tests)
-
-
-@dataclass
-class StageConfig:
-    crop: int = 128  # random crop side (the model is fully convolutional)
-    batch_size: int = 16
-    lr: float = 2e-3
-    min_lr: float = 2e-5  # cosine decay floor
-    warmup_steps: int = 100
-    max_steps: int = 100_000
-    max_minutes: float = 0.0  # > 0: a wall-clock budget; the LR schedule follows whichever ends first
-    weight_decay: float = 0.0
-    eval_minutes: float = 5.0  # validate (and maybe export) this often; also at the end
-    eval_every: int = 0  # > 0: validate every this many steps instead
-    checkpoint_minutes: float = 3.0
-    log_every: int = 20
-    grad_clip: float = 1.0
-    # rate-distortion training (stage 1): loss = MSE + rate_weight * estimated bits per pixel, with
-    # uniform noise of width rate_step on the latents (see LaplaceRate). The model then trades
-    # PSNR for bits, so each validation exports the latest model instead of the best PSNR.
-    rate_weight: float = 0.0
-    rate_step: float = 0.1
-    # stage 2: also keep the decoder's batch-norm statistics (fine-tune weights only). Measured on
-    # cpu-lite: with them updating, full-frame batches of 8 shifted the stage-1 statistics and the
-    # first 450 steps lost 1.4 dB that 20 minutes did not win back.
-    freeze_bn: bool = False
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
-    cfg.setdefault("name", Path(path).stem)
-    cfg.setdefault("seed", 0)
-    cfg.setdefault("threads", 0)
-    cfg.setdefault("frame_size", 224)
-    cfg.setdefault("stages", [1, 2])
-    cfg.setdefault("out_dir", f"checkpoints/{cfg['name']}")
-    cfg.setdefault("log_dir", f"runs/{cfg['name']}")
-    cfg.setdefault("model", {"preset": "lite"})
-    cfg.setdefault("quantizer", {"bits": 6})
-    for key in ("data", "stage1", "stage2"):
-        cfg.setdefault(key, {})
-    return cfg
+from .config import DataConfig, StageConfig, load_config, require_extra  # noqa: F401 (re-exported)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -204,8 +147,28 @@ def all_average_buffers(module: nn.Module, world: int) -> None:
             b.div_(world)
 
 
+def print_outputs(cfg: dict[str, Any], dc: DataConfig) -> None:
+    """Where this run's files went (only those that exist)."""
+    out_dir, log_dir = Path(cfg["out_dir"]), Path(cfg["log_dir"])
+    lines = [("codec weights", out_dir / "best.json", "+ .safetensors, best by val PSNR"),
+             ("exported copy", Path(cfg["export"]).with_suffix(".json") if cfg.get("export") else None, ""),
+             ("stage-1 weights", out_dir / "best-stage1.json", "unquantized, what stage 2 starts from"),
+             ("checkpoint", out_dir / "ckpt.json", "continue with --resume"),
+             ("frame cache", None if dc.synthetic else Path(dc.cache_dir), "reused by later runs"),
+             ("TensorBoard", log_dir, f"tensorboard --logdir {log_dir}")]
+    print("outputs:", flush=True)
+    for what, path, note in lines:
+        if path is not None and path.exists():
+            print(f"  {what + ':':17s}{path}" + (f" ({note})" if note else ""), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    train(argv)
+    """The command line: a mistake (config, data, a missing extra) is one line on stderr, status 2."""
+    try:
+        train(argv)
+    except StreamerError as e:
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
@@ -215,14 +178,11 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--config", required=True, help="TOML config (training/configs/*.toml)")
     ap.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.* if present")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set stage1.max_minutes=1")
+                    help="override a config value (VALUE is TOML; a bare word where a string goes), "
+                         "e.g. --set stage1.max_minutes=1")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.rpartition(".")
-        target = cfg.setdefault(section, {}) if section else cfg
-        target[name] = tomllib.loads(f"v = {value}")["v"] if value else value
+    cfg = load_config(args.config, args.set)  # every mistake found here, before any slow work
+    require_extra("tqdm", "tensorboard")
 
     # -- distributed setup (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK) -------------------------
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -267,19 +227,25 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             vc = D.FrameCache(val_src, size=cfg["frame_size"], per_source=dc.val_frames_per_clip,
                               cache_dir=dc.cache_dir)
             return tc, vc
-        if master:  # rank 0 decodes and fills the cache; the others then read it
-            train_cache, val_cache = caches()
-            train_cache.build(progress=True)
-            val_cache.build(progress=True)
-        if ddp:
-            dist.barrier()
-        if not master:
-            train_cache, val_cache = caches()
-            train_cache.build(progress=False)
-            val_cache.build(progress=False)
+        with warnings.catch_warnings():  # unreadable files: listed below as "skipped" instead
+            warnings.filterwarnings("ignore", message="skipping unreadable source")
+            if master:  # rank 0 decodes and fills the cache; the others then read it
+                train_cache, val_cache = caches()
+                train_cache.build(progress=True)
+                val_cache.build(progress=True)
+            if ddp:
+                dist.barrier()
+            if not master:
+                train_cache, val_cache = caches()
+                train_cache.build(progress=False)
+                val_cache.build(progress=False)
         if master:
             for path, why in train_cache.skipped + val_cache.skipped:
                 print(f"skipped {path}: {why}", flush=True)
+        for what, cache in (("train", train_cache), ("val", val_cache)):
+            if not cache.arrays:  # listed up front, but none of them decodes
+                raise ConfigError(f"[data] {what}: none of the {len(cache.sources)} file(s) could be read "
+                                  f"(each is listed above as skipped)")
     # val frames grouped by size, as float tensors
     by_size: dict[int, list[np.ndarray]] = {}
     for a in val_cache.arrays:
@@ -303,19 +269,13 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     # cpu-lite stage-1 model, val PSNR quantized: 0.999 34.20, 0.9995 34.69, 0.9999 35.54,
     # full min..max 35.35 dB.
     coverage = float(qcfg_base.get("coverage", 0.9999))
-    unknown = set(qcfg_base) - {"bits", "mode", "steps", "level", "coverage"}
-    if unknown:
-        raise SystemExit(f"config error: unknown [quantizer] key(s) {sorted(unknown)}")
 
     def target_quantizer() -> QuantizerConfig:
-        """What stage 2 trains and exports: 'fixed' (2^bits levels per channel) or 'step'."""
+        """What stage 2 trains and exports: 'fixed' (2^bits levels per channel) or 'step'
+        (load_config has checked it)."""
         return QuantizerConfig(bits=bits, mode=str(qcfg_base.get("mode", "fixed")),
                                steps=[float(v) for v in qcfg_base.get("steps", [])],
                                level=int(qcfg_base.get("level", 0)))
-    try:
-        target_quantizer().validate(mcfg.latent_channels)
-    except Exception as e:  # a bad [quantizer] section: say so before any work
-        raise SystemExit(f"config error in [quantizer]: {e}") from None
     entropy_counts: list[np.ndarray | None] = [None]  # fitted with the range (step mode)
     quantizer = Quantizer(QuantizerConfig(bits=bits, mode="bypass"), mcfg.latent_channels)
     net = Autoencoder(model, quantizer).to(device)
@@ -381,7 +341,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         if tq.mode == "step":
             from streamer.codec import entropy
             if not whole:
-                raise SystemExit(f"no training frame of {cfg['frame_size']} px to fit entropy tables on")
+                raise ConfigError(f"no training frame of {cfg['frame_size']} px to fit entropy tables on")
             entropy_counts[0] = entropy.fit_levels(quantizer, torch.cat(whole))
 
     def export(path: Path, stage: int) -> None:
@@ -587,6 +547,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "quantizer": quantizer.cfg.to_dict()})
         print("val PSNRs:", {k: round(v["psnr"], 2) for k, v in state["metrics"].items()}, flush=True)
         writer.close()
+        print_outputs(cfg, dc)
     if cfg.get("dump_rank_weights"):  # tests: every rank writes what it ended with
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in net.model.state_dict().items()}, str(out_dir / f"rank{rank}.safetensors"))
