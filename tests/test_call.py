@@ -22,6 +22,7 @@ from server.app import run_server
 from server.protocol import KIND_CAMERA, KIND_DECODED, pack_frame, unpack_frame
 from streamer import receive, send
 from streamer.codec import bitstream
+from hostile_pictures import hostile_pictures
 from streamer.signaling import SignalingError, parse_join_url
 
 ROOM, SECRET = "test", "room-secret"  # each role's token derives from the room's secret
@@ -153,6 +154,8 @@ def test_receiver_resumes_after_the_sender_restarts():
 
 @pytest.mark.slow
 def test_viewer_gets_stats_and_pictures_and_can_be_the_camera():
+    """The camera link's browser feeds the sender; hostile pictures from it (a 65500² header, a
+    65000×1 strip, a 12000² PNG) are skipped as SourceErrors and the call goes on."""
     async def main():
         async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
             async with connect(srv.ws_url) as viewer:
@@ -167,33 +170,49 @@ def test_viewer_gets_stats_and_pictures_and_can_be_the_camera():
                 Image.fromarray(np.full((240, 320, 3), 90, np.uint8)).save(buf, format="JPEG")
                 camera = buf.getvalue()
                 loop = asyncio.get_running_loop()
-                end = loop.time() + 40
                 n = 0
-                while loop.time() < end and not (KIND_DECODED in kinds and {"sender", "receiver"} <= stats):
+
+                async def feed(until, seconds: float) -> None:
+                    nonlocal n
+                    end = loop.time() + seconds
+                    while loop.time() < end and not until():
+                        n += 1
+                        await viewer.send(pack_frame(KIND_CAMERA, n, camera))
+                        try:
+                            msg = await asyncio.wait_for(viewer.recv(), 0.1)
+                        except TimeoutError:
+                            continue
+                        if isinstance(msg, bytes):
+                            h, jpeg = unpack_frame(msg)
+                            kinds.add(h.kind)
+                            if h.kind == KIND_DECODED:
+                                assert Image.open(io.BytesIO(jpeg)).size == (224, 224)
+                        else:
+                            m = json.loads(msg)
+                            if m["type"] == "stats":
+                                stats.add(m["from_role"])
+                                assert "fps" in m["stats"]
+
+                await feed(lambda: KIND_DECODED in kinds and {"sender", "receiver"} <= stats, 40)
+                shown = rx.obj.shown
+                source = tx.obj.source
+                for i, bad in enumerate(hostile_pictures(), 1):  # one at a time: only the newest waits
+                    await asyncio.sleep(0.2)  # past the server's camera-rate limit
                     n += 1
-                    await viewer.send(pack_frame(KIND_CAMERA, n, camera))
-                    try:
-                        msg = await asyncio.wait_for(viewer.recv(), 0.1)
-                    except TimeoutError:
-                        continue
-                    if isinstance(msg, bytes):
-                        h, jpeg = unpack_frame(msg)
-                        kinds.add(h.kind)
-                        if h.kind == KIND_DECODED:
-                            assert Image.open(io.BytesIO(jpeg)).size == (224, 224)
-                    else:
-                        m = json.loads(msg)
-                        if m["type"] == "stats":
-                            stats.add(m["from_role"])
-                            assert "fps" in m["stats"]
+                    await viewer.send(pack_frame(KIND_CAMERA, n, bad))
+                    await wait_until(lambda: source.bad >= i, 10)
+                await feed(lambda: rx.obj.shown >= shown + 10, 30)
+                assert not tx.task.done(), "the sender ended"
+                bad = source.bad
                 await tx.finish()
                 rxo = await rx.finish()
-                return kinds, stats, rxo
+                return kinds, stats, rxo, shown, bad
 
-    kinds, stats, rxo = asyncio.run(main())
+    kinds, stats, rxo, shown_before, bad = asyncio.run(main())
     assert KIND_DECODED in kinds and 2 in kinds  # decoded and (shared) original pictures
     assert {"sender", "receiver"} <= stats
-    assert rxo.shown > 0
+    assert bad == 3  # each hostile picture refused
+    assert rxo.shown >= shown_before + 10  # and the call went on after them
 
 
 def free_port() -> int:

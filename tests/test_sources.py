@@ -13,6 +13,8 @@ from streamer.sources import (BrowserSource, CapturedFrame, FileSource, FrameSlo
                               decode_jpeg, open_source, prepare)
 from streamer.video import VideoWriter
 
+from hostile_pictures import jpeg_claiming, png_claiming, strip_jpeg
+
 
 @pytest.mark.parametrize("h,w,size", [(480, 640, 224), (288, 360, 224), (720, 1280, 224), (100, 150, 64),
                                       (120, 160, 224), (224, 224, 224)])
@@ -150,31 +152,6 @@ def test_decode_jpeg_and_garbage():
     assert img.shape[2] == 3 and min(img.shape[:2]) >= 224
     with pytest.raises(SourceError, match="undecodable"):
         decode_jpeg(b"\xff\xd8garbage")
-
-
-def jpeg_claiming(w: int, h: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) claims w x h: nothing but the header lies."""
-    data = bytearray(jpeg_bytes(16, 16))
-    i = data.index(b"\xff\xc0")
-    data[i + 5:i + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
-    return bytes(data)
-
-
-def png_claiming(w: int, h: int) -> bytes:
-    """A PNG whose IHDR (with a valid CRC) claims w x h, over one compressed row of zeros."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * w + 1))) + chunk(b"IEND", b"")
-
-
-def strip_jpeg(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (90, 90, 90)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("name,make", [
