@@ -15,7 +15,20 @@ never go backwards. A sender restart (frame numbers start again, capture clock m
 recognised by a lower frame number with a newer timestamp and resets the ordering.
 
 Bad packets never raise: corrupt or truncated ones count in `bad_packets`, packets of another
-model in `foreign`; the call goes on.
+model, quantizer or latent shape in `foreign`; the call goes on.
+
+Work and memory per packet are bounded, whatever a (possibly forged, valid-CRC) packet claims:
+
+* only the latent shape of the call is accepted (`latent_shape`, by default the one the model
+  makes for its own `frame_size`; `set_frame_size` when the call's size is known): a packet
+  claiming another shape is foreign and refused before its payload is decoded, so nothing of
+  the claimed size is ever allocated or decoded;
+* frame numbers move in a window: a jump of more than `max_gap` frames (either way) is another
+  stream (a restart), not millions of lost or late frames, and one gap adds at most `max_gap`
+  to `lost`;
+* at most `max_pending` frames wait for slices (a flood of distinct frame numbers does not
+  grow memory), and a run of concealed frames nobody decoded keeps at most `MAX_CONCEAL_CHAIN`
+  of them alive for concealment.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import numpy as np
 import torch
 
 from .codec import NeuralCodec
-from .codec.bitstream import Packet
+from .codec.bitstream import ForeignPacketError, Packet
 from .errors import PacketError
 
 # A slice of the next frame normally ends the wait for a frame's lost slices (one channel, no
@@ -37,6 +50,13 @@ from .errors import PacketError
 # stream that pauses. It must exceed the spread of one frame's slices, which on a loaded
 # 2-core machine reaches tens of ms (measured p95 ~150 ms in one process at load 8).
 DEFAULT_DEADLINE_S = 0.1
+# A frame-number step beyond this (forwards or backwards) is another stream: ~8.5 s at 30 fps.
+MAX_FRAME_GAP = 256
+# Frames waiting for slices at once. In order on one channel only one frame is open at a time
+# (a slice of frame n+1 closes n); reordering opens a second or third.
+MAX_PENDING = 8
+# Concealed frames whose latents were never built, kept for the next frame's concealment.
+MAX_CONCEAL_CHAIN = 4
 
 
 def codes_crc(codes: np.ndarray) -> int:
@@ -131,32 +151,69 @@ class AssemblerCounters:
 
 class FrameAssembler:
     def __init__(self, codec: NeuralCodec, deadline_s: float = DEFAULT_DEADLINE_S,
-                 clock: Callable[[], float] = time.monotonic, conceal_on_last: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, conceal_on_last: bool = True, *,
+                 latent_shape: tuple[int, int, int] | None = None, max_gap: int = MAX_FRAME_GAP,
+                 max_pending: int = MAX_PENDING) -> None:
+        """latent_shape: the whole frame's latent (C, H, W) this call accepts (default: what the
+        codec's model makes for `codec.frame_size`; see `set_frame_size`)."""
         self.codec = codec
         self.deadline_s = deadline_s
         self.conceal_on_last = conceal_on_last
         self.clock = clock
+        if max_gap < 1 or max_pending < 1:
+            raise ValueError(f"max_gap ({max_gap}) and max_pending ({max_pending}) must be at least 1")
+        self.max_gap, self.max_pending = int(max_gap), int(max_pending)
         self.n = AssemblerCounters()
         self._pending: dict[int, _Pending] = {}
         self._last_number: int | None = None  # newest frame handed out
         self._last_ts = 0
         self._prev: AssembledFrame | None = None
+        self._shape = self._valid_shape(codec.latent_shape() if latent_shape is None else latent_shape)
+
+    # -- the call's latent shape -----------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The only whole-frame latent (C, H, W) accepted; packets of another are foreign."""
+        return self._shape
+
+    @latent_shape.setter
+    def latent_shape(self, shape: tuple[int, int, int]) -> None:
+        shape = self._valid_shape(shape)
+        if shape != self._shape:
+            self._pending.clear()  # frames of the old shape will not complete
+            self._shape = shape
+
+    def set_frame_size(self, height: int, width: int | None = None) -> None:
+        """Accept the latents of height x width frames (width: default height, a square) from
+        now on, e.g. once the call's frame size is known; FrameSizeError if the model cannot
+        code that size."""
+        self.latent_shape = self.codec.latent_shape(height, width)
+
+    def _valid_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        try:
+            c, h, w = (int(v) for v in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"a latent shape is (channels, height, width), got {shape!r}") from None
+        if c != self.codec.cfg.model.latent_channels or h < 1 or w < 1:
+            raise ValueError(f"latent shape {shape!r}: the model makes {self.codec.cfg.model.latent_channels} "
+                             f"channels and at least one row and column")
+        return c, h, w
 
     # -- input -----------------------------------------------------------------------------
     def add(self, data: bytes) -> list[AssembledFrame]:
         """One data-channel message in; the frames that became ready out (oldest first)."""
         now = self.clock()
         self.n.packets += 1
-        self.n.bytes += len(data) if isinstance(data, (bytes, bytearray)) else 0
+        self.n.bytes += len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
         try:
-            p = self.codec.unpack(data)
+            p = self.codec.unpack(data, expect_shape=self._shape)
+        except ForeignPacketError as e:  # intact, but another model, quantizer or latent shape
+            self.n.foreign += 1
+            self.n.last_error = str(e)
+            return []
         except PacketError as e:
-            msg = str(e)
-            if "model" in msg or "channels x" in msg or "mode" in msg:
-                self.n.foreign += 1
-            else:
-                self.n.bad_packets += 1
-            self.n.last_error = msg
+            self.n.bad_packets += 1
+            self.n.last_error = str(e)
             return []
         except Exception as e:  # noqa: BLE001 - a decoder bug on hostile input must not end the call
             self.n.bad_packets += 1
@@ -167,19 +224,26 @@ class FrameAssembler:
     def _add_packet(self, p: Packet, now: float) -> list[AssembledFrame]:
         h = p.header
         out: list[AssembledFrame] = []
-        if self._last_number is not None and h.frame_number <= self._last_number:
+        number = h.frame_number
+        ref = self._last_number if self._last_number is not None else max(self._pending, default=None)
+        if ref is not None and abs(number - ref) > self.max_gap:
+            self._restart()  # another stream (or a forged number): not thousands of lost or late frames
+        elif self._last_number is not None and number <= self._last_number:
             if h.timestamp_us > self._last_ts:
                 self._restart()  # the sender started again: numbers restart, the clock went on
             else:
                 self.n.late += 1
                 return out
-        pend = self._pending.get(h.frame_number)
+        pend = self._pending.get(number)
         shape = (h.channels, h.height, h.width)
         if pend is None:
             # a newer frame began: older unfinished frames will not improve (unreliable channel)
-            out += self._flush(before=h.frame_number)
-            pend = self._new_pending(h.frame_number, h.timestamp_us, shape, now)
-            self._pending[h.frame_number] = pend
+            out += self._flush(before=number)
+            if len(self._pending) >= self.max_pending:  # all newer than this one: it is too late
+                self.n.late += 1
+                return out
+            pend = self._new_pending(number, h.timestamp_us, shape, now)
+            self._pending[number] = pend
         elif pend.shape != shape:
             self.n.bad_packets += 1
             self.n.last_error = f"slice shape {shape} differs from its frame's {pend.shape}"
@@ -200,8 +264,8 @@ class FrameAssembler:
         if pend.have.all() or (pend.saw_last and self.conceal_on_last):
             # complete; or the frame's last slice is in and the sender sends slices in row order
             # on one path, so missing earlier slices are lost, not late: show it now
-            out += self._flush(before=h.frame_number)  # (nothing older is left by now)
-            out.append(self._emit(self._pending.pop(h.frame_number)))
+            out += self._flush(before=number)  # (nothing older is left by now)
+            out.append(self._emit(self._pending.pop(number)))
         return out
 
     def poll(self) -> list[AssembledFrame]:
@@ -244,7 +308,7 @@ class FrameAssembler:
 
     def _emit(self, p: _Pending) -> AssembledFrame:
         if self._last_number is not None and p.number > self._last_number + 1:
-            self.n.lost += p.number - self._last_number - 1
+            self.n.lost += min(p.number - self._last_number - 1, self.max_gap)
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,
                            p.first_arrival, p.last_arrival, p.level)
         if f.complete:
@@ -253,4 +317,14 @@ class FrameAssembler:
             self.n.concealed += 1
         self._last_number, self._last_ts = p.number, p.timestamp_us
         self._prev = f
+        # concealed frames nobody decoded chain back to the last decoded or complete one: cut the
+        # chain so a long run of them cannot hold every frame's codes (the oldest kept conceals
+        # with the codes it inherited, which are already the previous frame's)
+        node, depth = f, 0
+        while node._prev is not None:
+            depth += 1
+            if depth >= MAX_CONCEAL_CHAIN:
+                node._prev = None
+                break
+            node = node._prev
         return f

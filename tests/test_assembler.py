@@ -1,6 +1,9 @@
 """Slices -> frames: completeness, concealment, ordering, bad packets, sender restarts."""
 
 import struct
+import time
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -8,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.assembler import FrameAssembler, codes_crc
+from streamer.assembler import MAX_CONCEAL_CHAIN, MAX_FRAME_GAP, MAX_PENDING, FrameAssembler, codes_crc
 from streamer.codec import NeuralCodec, bitstream
+from streamer.errors import FrameSizeError
 from streamer.transport import SLICE_BYTES
 
 
@@ -194,3 +198,164 @@ def test_header_fields_survive(codec):
         out += asm.add(p)
     assert out[0].frame_number == 0xFFFFFFFF and out[0].timestamp_us == 2**40
     assert struct.unpack(">I", ps[0][14:18])[0] == 0xFFFFFFFF
+
+
+# -- bounded work per packet: shapes, frame numbers, pending frames ----------------------------
+
+@pytest.fixture(scope="module")
+def shipped() -> NeuralCodec:
+    """The shipped default model (range-coded, step mode): what a receiver runs."""
+    return NeuralCodec.load()
+
+
+def reseal(body: bytes) -> bytes:
+    return bytes(body) + struct.pack(">I", zlib.crc32(bytes(body)))
+
+
+def forged(codec: NeuralCodec, coding: int, height: int, width: int, row_count: int, payload: bytes,
+           level: int = 3) -> bytes:
+    """A valid-CRC packet of `codec`'s model with any latent shape."""
+    head = bitstream._HEADER.pack(bitstream.MAGIC, bitstream.VERSION, coding, 0, codec.bits, 2, level,
+                                  codec.model_id, 1, 0, 24, height, width, 0, row_count, 0, len(payload))
+    return reseal(head + payload)
+
+
+def refused_cheaply(asm: FrameAssembler, data: bytes) -> int:
+    """Feed one packet; its tracemalloc peak (bytes). Asserts it yields nothing."""
+    tracemalloc.start()
+    try:
+        t0 = time.process_time()
+        assert asm.add(data) == []
+        cpu = time.process_time() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert cpu < 0.5  # generous: refusing a packet is microseconds of work, decoding it was seconds
+    return peak
+
+
+def test_forged_huge_latent_shapes_are_refused_as_foreign_without_decoding(shipped):
+    """The two attacks found by hand: a 46-byte range-coded packet claiming 24x1024x1024 latents
+    (5 s and 4.3 GB before) and a 24,622-byte raw slice of an 8192x8192 frame (35 s, 4.2 GB)."""
+    asm = FrameAssembler(shipped)
+    assert asm.latent_shape == (24, 28, 28) == shipped.latent_shape()
+    ranged = forged(shipped, bitstream.CODING_RANGE, 1024, 1024, 1024, b"")
+    raw = forged(shipped, bitstream.CODING_RAW, 1024, 1024, 1, bytes(24 * 1024))
+    assert (len(ranged), len(raw)) == (46, 24_622)
+    for n, data in enumerate((ranged, raw), 1):
+        assert refused_cheaply(asm, data) < 1_000_000
+        assert asm.n.foreign == n and asm.n.bad_packets == 0
+        assert "latent shape 24x1024x1024 (a 8192x8192 frame); this call expects 24x28x28" in asm.n.last_error
+    assert asm._pending == {}
+    # a call that does run at 8192x8192 accepts that shape, but a 46-byte payload cannot hold
+    # 25 M codes: refused by the range decoder's bound, before decoding anything
+    big = FrameAssembler(shipped, latent_shape=(24, 1024, 1024))
+    assert refused_cheaply(big, ranged) < 1_000_000
+    assert big.n.bad_packets == 1 and "cannot hold" in big.n.last_error
+
+
+def test_the_calls_frame_size_can_be_set(shipped):
+    asm = FrameAssembler(shipped)
+    frames = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    packets = shipped.packets(frames, 1, 0, SLICE_BYTES)
+    assert all(asm.add(p) == [] for p in packets) and asm.n.foreign == len(packets)
+    asm.set_frame_size(256)
+    assert asm.latent_shape == (24, 32, 32)
+    out = [f for p in packets for f in asm.add(p)]
+    assert len(out) == 1 and out[0].complete and out[0].codes.shape == (24, 32, 32)
+    with pytest.raises(FrameSizeError):
+        asm.set_frame_size(250)
+    with pytest.raises(ValueError, match="channels"):
+        FrameAssembler(shipped, latent_shape=(12, 28, 28))
+    assert FrameAssembler(shipped, latent_shape=(24, 16, 40)).latent_shape == (24, 16, 40)
+
+
+def test_packets_of_another_quantizer_level_or_bits_are_foreign(codec, shipped):
+    asm = FrameAssembler(codec)
+    q = codec.encode(frame(1))
+    h = bitstream.PacketHeader(codec.model_id, 1, 0, 24, 8, 8, 0, 8, 5, "fixed")
+    asm.add(bitstream.pack(h, q.codes & 31))  # 5-bit codes for a 6-bit model
+    assert asm.n.foreign == 1 and "bits" in asm.n.last_error
+    asm = FrameAssembler(shipped)
+    h = bitstream.PacketHeader(shipped.model_id, 1, 0, 24, 28, 28, 0, 28, 8, "step", level=shipped.levels)
+    asm.add(bitstream.pack(h, np.zeros((24, 28, 28), np.uint8)))
+    assert asm.n.foreign == 1 and "level" in asm.n.last_error and asm.n.bad_packets == 0
+
+
+def test_forged_frame_numbers_leave_lost_bounded(codec):
+    asm = FrameAssembler(codec)
+    streams = {n: sliced(codec, n % 3, n)[1] for n in (1, 2, 3)}
+
+    def send(number: int, ts: int, which: int = 1) -> list:
+        out = []
+        for p in streams[which]:
+            h = bytearray(p[:-4])
+            h[14:18] = struct.pack(">I", number)
+            h[18:26] = struct.pack(">Q", ts)
+            out += asm.add(reseal(h))
+        return out
+
+    assert [f.frame_number for f in send(1, 1_000_000)] == [1]
+    for forged_number in (2 ** 32 - 1, 7, 2 ** 31, 300_000_000, 2, 4_000_000_000):
+        send(forged_number, 2 ** 64 - 1)  # a number far off and a capture time far in the future
+        assert asm.n.lost <= MAX_FRAME_GAP * asm.n.packets
+    assert asm.n.lost < 2 * MAX_FRAME_GAP and asm.n.restarts >= 4
+    # the real stream goes on: a far-off number with a future timestamp does not make it late
+    shown = [f.frame_number for n in range(3, 10) for f in send(n, 1_000_000 + n)]
+    assert shown == list(range(3, 10))
+    lost = asm.n.lost
+    send(10 + MAX_FRAME_GAP - 1, 2_000_000)  # a real gap in the window: counted, and bounded
+    assert asm.n.lost == lost + MAX_FRAME_GAP - 1
+    # a flood of forged numbers, each a far jump: restarts, never millions of lost frames
+    lost, rng = asm.n.lost, np.random.default_rng(0)
+    for n in rng.integers(0, 2 ** 32, 300):
+        send(int(n), int(rng.integers(0, 2 ** 63)))
+    assert asm.n.lost - lost < 3 * MAX_FRAME_GAP  # nothing like the 3e11 measured before
+
+
+def test_a_flood_of_distinct_frame_numbers_keeps_pending_frames_bounded(codec):
+    asm = FrameAssembler(codec, deadline_s=1e9)
+    first = sliced(codec, 1, 1)[1][0]  # the first slice of a frame: the frame stays open
+    tracemalloc.start()
+    for n in range(5000, 5000 - MAX_FRAME_GAP, -1):  # newest first: none closes an older one
+        h = bytearray(first[:-4])
+        h[14:18] = struct.pack(">I", n)
+        asm.add(reseal(h))
+        assert len(asm._pending) <= MAX_PENDING
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000
+    assert asm.n.late >= MAX_FRAME_GAP - MAX_PENDING
+
+
+def test_undecoded_concealed_frames_do_not_pile_up(codec):
+    asm = FrameAssembler(codec)
+    _, ps = sliced(codec, 1, 1)
+    frames = []
+    for n in range(1, 200):  # every frame loses its middle slices, and nobody decodes them
+        for p in ps[:1] + ps[-1:]:
+            h = bytearray(p[:-4])
+            h[14:18] = struct.pack(">I", n)
+            frames += asm.add(reseal(h))
+    assert len(frames) == 199 and all(f.concealed for f in frames)
+    depth, node = 0, frames[-1]
+    while node._prev is not None:
+        depth, node = depth + 1, node._prev
+    assert depth < MAX_CONCEAL_CHAIN
+    assert frames[-1].latents(codec).shape == (1, 24, 8, 8)
+
+
+@pytest.mark.parametrize("size", [224, 448])
+def test_memory_per_packet_follows_the_actual_latent_shape(shipped, size):
+    """A whole range-coded frame costs the decoder's fixed chunk (256 KiB of probabilities) and a
+    few bytes per code it actually holds, nothing in proportion to a header's claims."""
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    asm = FrameAssembler(shipped)
+    asm.set_frame_size(size)
+    (packet,) = shipped.packets(image, 1, 0, level=0)
+    tracemalloc.start()
+    out = asm.add(packet)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(out) == 1 and out[0].complete
+    assert peak < 400_000 + 4 * out[0].codes.size

@@ -1,6 +1,7 @@
 """Packet format: bit packing, round trips, slices, a stored golden packet, and a strict parser."""
 
 import hashlib
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,18 @@ from streamer.codec.quantizer import Quantized
 from streamer.errors import PacketError
 
 GOLDEN = Path(__file__).parent / "data" / "golden_packet.sha256"
+
+
+def check_golden(path: Path, digest: str) -> None:
+    """A golden file holds the expected SHA-256 of a packet and is committed with the code. A
+    missing one fails the test; `UPDATE_GOLDEN=1 pytest tests/test_bitstream.py
+    tests/test_entropy.py` (re)writes them, only for a deliberate format change."""
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(digest + "\n")
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing: restore it from git, or (only for a deliberate "
+                    f"format change) write it with UPDATE_GOLDEN=1")
+    assert digest == path.read_text().strip(), f"packet bytes differ from {path.name}"
 
 
 def quantized(channels=24, height=28, width=28, bits=6, mode="fixed", seed=0) -> Quantized:
@@ -73,12 +86,11 @@ def test_compression_ratio_matches_seed_definition():
 
 
 def test_golden_packet_bytes_are_stable():
-    """The wire format is a contract: a change to it must be deliberate (bump VERSION)."""
+    """The wire format is a contract: a change to it must be deliberate (bump VERSION). The
+    expected digest is tests/data/golden_packet.sha256: a missing file fails; only
+    UPDATE_GOLDEN=1 (re)writes it (see `check_golden`)."""
     (packet,) = pack_frame(quantized(seed=1, mode="minmax"), 0x01020304, 9, 1_700_000_000_000_000)
-    digest = hashlib.sha256(packet).hexdigest()
-    if not GOLDEN.exists():  # first run writes the expectation; it is committed with the code
-        GOLDEN.write_text(digest + "\n")
-    assert digest == GOLDEN.read_text().strip()
+    check_golden(GOLDEN, hashlib.sha256(packet).hexdigest())
 
 
 def test_parser_rejects_foreign_version_model_and_shape():
@@ -173,3 +185,48 @@ def test_parser_rejects_mutations_with_the_typed_error_only(which, ops):
 def test_parser_rejects_random_bytes(data):
     with pytest.raises(PacketError):
         unpack(data)
+
+
+def test_a_missing_golden_file_fails_and_only_the_flag_writes_it(tmp_path, monkeypatch):
+    path = tmp_path / "golden.sha256"
+    monkeypatch.delenv("UPDATE_GOLDEN", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="missing"):
+        check_golden(path, "ab" * 32)
+    assert not path.exists()
+    monkeypatch.setenv("UPDATE_GOLDEN", "1")
+    check_golden(path, "ab" * 32)
+    monkeypatch.delenv("UPDATE_GOLDEN")
+    check_golden(path, "ab" * 32)
+    with pytest.raises(AssertionError):
+        check_golden(path, "cd" * 32)
+    assert GOLDEN.exists()  # the committed expectation is there
+
+
+def reseal(body: bytes) -> bytes:
+    return bytes(body) + struct.pack(">I", zlib.crc32(bytes(body)))
+
+
+def test_expected_shape_refuses_other_shapes_before_the_payload():
+    q = quantized()
+    (good,) = pack_frame(q, 5, 0, 0)
+    assert unpack(good, expect_shape=(24, 28, 28)).header.height == 28
+    with pytest.raises(bitstream.ForeignPacketError, match="latent shape 24x28x28.*expects 24x32x32"):
+        unpack(good, expect_shape=(24, 32, 32))
+    # a valid-CRC raw slice of an 8192x8192 frame: refused on its header, nothing decoded
+    head = bitstream._HEADER.pack(bitstream.MAGIC, 2, 0, 0, 8, 2, 3, 5, 1, 0, 24, 1024, 1024, 0, 1, 0, 24 * 1024)
+    forged = reseal(head + bytes(24 * 1024))
+    assert len(forged) == 24_622
+    seen = []
+    with pytest.raises(bitstream.ForeignPacketError, match="1024x1024 .a 8192x8192 frame"):
+        unpack(forged, expect_shape=(24, 28, 28), check_header=seen.append)
+    assert seen == []  # refused before the header check hook, let alone the payload
+    # decided from the header alone: the CRC is not even computed for it
+    with pytest.raises(bitstream.ForeignPacketError, match="expects 24x28x28"):
+        unpack(forged[:-1] + bytes([forged[-1] ^ 1]), expect_shape=(24, 28, 28))
+    with pytest.raises(PacketError, match="checksum"):  # the shape it expects: then the CRC counts
+        unpack(forged[:-1] + bytes([forged[-1] ^ 1]), expect_shape=(24, 1024, 1024))
+    # the hook sees packets of the expected shape and can refuse them as foreign
+    def refuse(h):
+        raise bitstream.ForeignPacketError(f"not for us: {h.bits} bits")
+    with pytest.raises(bitstream.ForeignPacketError, match="not for us: 6 bits"):
+        unpack(good, expect_shape=(24, 28, 28), check_header=refuse)

@@ -4,6 +4,7 @@ ideal code length, a stored golden packet, and typed errors for anything malform
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -22,6 +23,18 @@ from streamer.errors import ConfigError, PacketError, WeightsError
 
 GOLDEN = Path(__file__).parent / "data" / "golden_range_packet.sha256"
 STEPS = [0.05, 0.1, 0.2]
+
+
+def check_golden(path: Path, digest: str) -> None:
+    """A golden file holds the expected SHA-256 of a packet and is committed with the code. A
+    missing one fails the test; `UPDATE_GOLDEN=1 pytest tests/test_bitstream.py
+    tests/test_entropy.py` (re)writes them, only for a deliberate format change."""
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(digest + "\n")
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing: restore it from git, or (only for a deliberate "
+                    f"format change) write it with UPDATE_GOLDEN=1")
+    assert digest == path.read_text().strip(), f"packet bytes differ from {path.name}"
 
 
 def step_quantizer(channels: int = 4, seed: int = 0) -> tuple[Quantizer, torch.Tensor]:
@@ -213,13 +226,12 @@ def test_range_coded_packet_needs_tables_and_a_sane_length():
 
 def test_golden_range_coded_packet_is_stable():
     """Tables + codes -> bytes is a contract between sender and receiver builds (and versions
-    of the range coder): a change must be deliberate."""
+    of the range coder): a change must be deliberate. The expected digest is
+    tests/data/golden_range_packet.sha256: a missing file fails; only UPDATE_GOLDEN=1
+    (re)writes it (see `check_golden`)."""
     q, coder = step_frame(seed=5, level=0)
     (packet,) = pack_frame(q, 0x01020304, 9, 1_700_000_000_000_000, coder=coder)
-    digest = hashlib.sha256(packet).hexdigest()
-    if not GOLDEN.exists():  # first run writes the expectation; it is committed with the code
-        GOLDEN.write_text(digest + "\n")
-    assert digest == GOLDEN.read_text().strip()
+    check_golden(GOLDEN, hashlib.sha256(packet).hexdigest())
 
 
 _Q, _CODER = step_frame(seed=7, shape=(4, 6, 6))
@@ -262,3 +274,81 @@ def test_tables_travel_with_the_weights_and_change_the_model_id(tmp_path):
                           loaded.encode(frames[0]).codes)
     with pytest.raises(WeightsError, match="expected"):
         codec.set_entropy_counts(counts[:2])
+
+
+# -- bounded work per packet ------------------------------------------------------------------
+
+def most_probable_codes(coder: EntropyCoder, level: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """The cheapest codes there are: each the most probable symbol of its table in its context."""
+    c, h, w = shape
+    out = np.zeros(shape, np.uint8)
+    ctx = np.full((c, w), entropy.FIRST_ROW)
+    for r in range(h):
+        out[:, r] = coder.probs[level][np.arange(c)[:, None], ctx].argmax(axis=2)
+        if r + 1 < h:
+            ctx = entropy.contexts(out[:, r:r + 2], coder.zeros[level])[:, 1]
+    return out
+
+
+def shipped_coder() -> EntropyCoder | None:
+    try:
+        return NeuralCodec.load().entropy
+    except WeightsError:
+        return None
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28), (4, 1, 28), (4, 1, 1), (4, 3, 300)])
+def test_the_payload_bound_admits_everything_the_encoder_makes(shape):
+    """Even the cheapest codes (every one its table's most probable) fit the bound on codes per
+    payload byte, at every level of the shipped tables; rows wider than one decoder chunk
+    decode exactly too."""
+    coders = [(coder_for(np.array([256, 120, 40, 7])), range(1))]
+    shipped = shipped_coder()
+    if shipped is not None:
+        coders.append((shipped, range(shipped.levels)))
+    for coder, levels in coders:
+        c = coder.channels
+        for level in levels:
+            s = (c, *shape[1:])
+            for codes in (most_probable_codes(coder, level, s),
+                          laplace_codes(np.random.default_rng(level), coder.sizes[level], s, scale=0.3)):
+                payload = coder.encode(codes, level)
+                assert codes.size <= coder.max_codes(len(payload), level, c)
+                assert np.array_equal(coder.decode(payload, s, level), codes)
+
+
+def test_a_short_payload_claiming_many_codes_never_reaches_the_decoder():
+    import tracemalloc
+
+    coder = coder_for(np.array([256, 120, 40, 7]))
+    for payload in (b"", b"\0" * 8, b"\xff" * 4000):
+        tracemalloc.start()
+        with pytest.raises(PacketError, match="cannot hold"):
+            coder.decode(payload, (4, 1024, 1024), 0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 100_000
+    big = b"\0" * 200_000  # long enough for the bound, but over the cap on codes per payload
+    with pytest.raises(PacketError, match="cannot hold"):
+        coder.decode(big, (4, 1024, 1024), 0)
+    assert coder.max_codes(10 ** 9, 0, 4) == entropy.MAX_DECODE_CODES
+    # through the parser: a valid-CRC 46-byte range-coded header claiming 4x1024x1024 latents
+    head = bitstream._HEADER.pack(bitstream.MAGIC, 2, CODING_RANGE, 0, 8, 2, 0, 9, 1, 0, 4, 1024, 1024, 0, 1024, 0, 0)
+    forged = head + struct.pack(">I", zlib.crc32(head))
+    assert len(forged) == 46
+    tracemalloc.start()
+    with pytest.raises(PacketError, match="cannot hold"):
+        unpack(forged, 9, coder)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100_000
+
+
+def test_range_coded_slices_hold_at_most_what_a_receiver_decodes(monkeypatch):
+    q, coder = step_frame()
+    monkeypatch.setattr(entropy, "MAX_DECODE_CODES", 4 * 5 * 28)  # 5 rows of (4, 28, 28)
+    monkeypatch.setattr(bitstream, "MAX_DECODE_CODES", 4 * 5 * 28)
+    packets = pack_frame(q, 9, 1, 2, coder=coder)
+    parts = [unpack(p, 9, coder) for p in packets]
+    assert len(parts) == 6 and all(p.header.row_count <= 5 for p in parts)
+    assert np.array_equal(np.concatenate([p.codes for p in parts], axis=1), q.codes)

@@ -28,7 +28,10 @@ Layout (big-endian), version 2::
 
 Codes are packed MSB-first in (channel, row, column) order: 6-bit codes take exactly 6 bits.
 The sender range-codes a slice when the model has entropy tables and that is smaller, per slice.
-`unpack` is strict: anything else raises `PacketError` and nothing but `PacketError`.
+`unpack` is strict: anything else raises `PacketError` and nothing but `PacketError`
+(`ForeignPacketError` for a packet of another model or latent shape), and its work is
+bounded by the packet's bytes and the receiver's expected latent shape, not by the header's
+claims (see `unpack`).
 Version 1 (no levels, no range coding) is refused with a message naming the version.
 """
 
@@ -38,11 +41,13 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from ..errors import PacketError
-from .entropy import EntropyCoder
+from .entropy import MAX_DECODE_CODES, EntropyCoder
+from .presets import STRIDE
 from .quantizer import Quantized
 
 MAGIC = b"NVCF"
@@ -62,6 +67,12 @@ MAX_PACKET_BYTES = 262_144  # aiortc's largest data-channel message
 SCTP_CHUNK_BYTES = 1_160  # aiortc splits messages into chunks of this size
 MAX_LATENT_SIDE = 1024
 MAX_CHANNELS = 1024
+
+
+class ForeignPacketError(PacketError):
+    """A well-formed packet that is not for this decoder: another model, quantizer or latent
+    shape (a receiver counts these apart from malformed ones). Decided from the header, before
+    the CRC and the payload are read."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +210,8 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
 
     With a `coder`, slices are range-coded and sized by their estimated coded size (so a slice
     holds more rows than raw codes would); a slice whose range-coded payload is not smaller than
-    its raw codes, or overshoots the limit, is sent as raw slices instead."""
+    its raw codes, or overshoots the limit, is sent as raw slices instead. A range-coded slice
+    holds at most `entropy.MAX_DECODE_CODES` codes (only frames over ~740x740 pixels need more)."""
     channels, height, width = q.codes.shape
 
     def header(start: int, count: int, coding: int = CODING_RAW) -> PacketHeader:
@@ -221,10 +233,10 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
     packets: list[bytes] = []
     start = 0
     while start < height:
-        count = height - start
+        count = min(height - start, max(1, MAX_DECODE_CODES // (channels * width)))  # what a receiver decodes
         if row_bytes is not None:  # as many rows as the estimate fits, with 2 % + a word to spare
             fits = np.cumsum(row_bytes[start:]) * 1.02 + 8 <= room
-            count = max(1, int(fits.sum()))
+            count = max(1, min(count, int(fits.sum())))
         codes = q.codes[:, start:start + count]
         ranged = pack(header(start, count, CODING_RANGE), codes, q.lo, q.hi, coder, check_size=False)
         smaller = len(ranged) - OVERHEAD_BYTES - side_bytes(q.mode, channels) < packed_size(codes.size, q.bits)
@@ -236,14 +248,24 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
     return packets
 
 
-def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None) -> Packet:
+def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None,
+           expect_shape: tuple[int, int, int] | None = None,
+           check_header: Callable[[PacketHeader], None] | None = None) -> Packet:
     """Parse one packet strictly. Every malformed input raises `PacketError` with the reason.
-    Range-coded packets need the model's `coder` (`NeuralCodec.unpack` passes it)."""
+    Range-coded packets need the model's `coder` (`NeuralCodec.unpack` passes it).
+
+    Work and memory are bounded by the packet's own bytes, never by what its header claims:
+    the framing (fields, ranges, lengths) is checked first; then, from the header alone,
+    `expect_model_id`, `expect_shape` (the whole frame's latent (C, H, W) the receiver's call
+    makes) and `check_header` (more expectations: it raises `ForeignPacketError` for a packet
+    that is not for this decoder); then the CRC; only a packet that passes them all is decoded. A range-coded payload must be long enough for
+    the codes it claims (`EntropyCoder.max_codes`), so not even a valid-CRC header with an
+    absurd shape reaches the range decoder."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PacketError(f"a packet is bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > MAX_PACKET_BYTES:
+    if len(data) > MAX_PACKET_BYTES:  # (before copying it)
         raise PacketError(f"packet of {len(data)} bytes is over the {MAX_PACKET_BYTES}-byte limit")
+    data = bytes(data)
     if len(data) < OVERHEAD_BYTES:
         raise PacketError(f"truncated packet: {len(data)} bytes, a header alone is {OVERHEAD_BYTES}")
     (magic, version, coding, frame_type, bits, qmode, level, model_id, frame_number, ts, channels,
@@ -262,8 +284,6 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         raise PacketError(f"unknown quantizer mode {qmode}")
     if level != 0 and QUANT_NAMES.get(qmode) != "step":
         raise PacketError(f"quantizer level {level} in a {QUANT_NAMES.get(qmode)} packet (only step mode has levels)")
-    if expect_model_id is not None and model_id != expect_model_id:
-        raise PacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
     if not (1 <= channels <= MAX_CHANNELS and 1 <= height <= MAX_LATENT_SIDE and 1 <= width <= MAX_LATENT_SIDE):
         raise PacketError(f"latent shape {channels}x{height}x{width} out of range")
     if row_count < 1 or row_start + row_count > height:
@@ -281,6 +301,18 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "oversized"
         raise PacketError(f"{kind} packet: {len(data)} bytes, header says {expected}")
+    # is it for this decoder? (from the header alone: nothing of the payload is read before this)
+    if expect_model_id is not None and model_id != expect_model_id:
+        raise ForeignPacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
+    if expect_shape is not None and (channels, height, width) != tuple(expect_shape):
+        c, h, w = expect_shape
+        raise ForeignPacketError(f"latent shape {channels}x{height}x{width} (a {width * STRIDE}x{height * STRIDE} "
+                                 f"frame); this call expects {c}x{h}x{w} ({w * STRIDE}x{h * STRIDE})")
+    header = PacketHeader(model_id=model_id, frame_number=frame_number, timestamp_us=ts, channels=channels,
+                          height=height, width=width, row_start=row_start, row_count=row_count, bits=bits,
+                          quant_mode=mode, level=level, coding=coding, frame_type=frame_type, version=version)
+    if check_header is not None:
+        check_header(header)
     (crc,) = struct.unpack_from(">I", data, len(data) - CRC_BYTES)
     if crc != zlib.crc32(memoryview(data)[: len(data) - CRC_BYTES]):
         raise PacketError("checksum mismatch: the packet is corrupt")
@@ -295,14 +327,11 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         if coder is None:
             raise PacketError("range-coded packet, but no entropy tables to decode it with "
                               "(the model's weights have none)")
-        codes = coder.decode(payload, (channels, row_count, width), level)
+        codes = coder.decode(payload, (channels, row_count, width), level)  # bounded: max_codes
     else:
         codes = unpack_bits(payload, count, bits).reshape(channels, row_count, width)
         if bits < 8 and (count * bits) % 8 and (payload[-1] & ((1 << (8 - (count * bits) % 8)) - 1)):
             raise PacketError("non-zero padding bits after the last code")
-    header = PacketHeader(model_id=model_id, frame_number=frame_number, timestamp_us=ts, channels=channels,
-                          height=height, width=width, row_start=row_start, row_count=row_count, bits=bits,
-                          quant_mode=mode, level=level, coding=coding, frame_type=frame_type, version=version)
     return Packet(header, codes, lo, hi)
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import FrameSizeError, PacketError
 from . import bitstream, entropy, weights
 from .model import CompressiveAutoencoder
+from .model import latent_shape as model_latent_shape
 from .presets import STRIDE, get_preset
 from .quantizer import Quantized, Quantizer, QuantizerConfig
 
@@ -154,18 +155,34 @@ class NeuralCodec:
         return bitstream.pack_frame(q, self.model_id, frame_number, timestamp_us, max_packet_bytes,
                                     coder=self.entropy)
 
-    def unpack(self, data: bytes) -> bitstream.Packet:
-        """Parse a packet and check it belongs to this model and quantizer (else PacketError)."""
-        p = bitstream.unpack(data, expect_model_id=self.model_id, coder=self.entropy)
-        h = p.header
+    def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
+        """Parse a packet and check it belongs to this model and quantizer (else PacketError;
+        `bitstream.ForeignPacketError` for a well-formed packet of another model, quantizer or shape).
+        expect_shape: the whole frame's latent (C, H, W) the call makes (`latent_shape`): a
+        receiver passes it so a packet claiming another shape is refused before any decoding."""
+        return bitstream.unpack(data, expect_model_id=self.model_id, coder=self.entropy,
+                                expect_shape=expect_shape, check_header=self._check_header)
+
+    def _check_header(self, h: bitstream.PacketHeader) -> None:
+        """This model's quantizer made the packet (checked before its payload is decoded)."""
         if h.bits != self.bits or h.channels != self.cfg.model.latent_channels:
-            raise PacketError(f"packet has {h.channels} channels x {h.bits} bits; this model makes "
-                              f"{self.cfg.model.latent_channels} x {self.bits}")
+            raise bitstream.ForeignPacketError(
+                f"packet has {h.channels} channels x {h.bits} bits; this model makes "
+                f"{self.cfg.model.latent_channels} x {self.bits}")
         if h.quant_mode != self.cfg.quantizer.mode:
-            raise PacketError(f"packet quantizer mode {h.quant_mode}, model's is {self.cfg.quantizer.mode}")
+            raise bitstream.ForeignPacketError(
+                f"packet quantizer mode {h.quant_mode}, model's is {self.cfg.quantizer.mode}")
         if not 0 <= h.level < self.levels:
-            raise PacketError(f"packet at quantizer level {h.level}; this model has levels 0..{self.levels - 1}")
-        return p
+            raise bitstream.ForeignPacketError(
+                f"packet at quantizer level {h.level}; this model has levels 0..{self.levels - 1}")
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """The latent (C, H, W) this model makes for a height x width frame (default: the
+        model's own square `frame_size`); FrameSizeError for a size it cannot code."""
+        height = self.frame_size if height is None else int(height)
+        width = height if width is None else int(width)
+        self.model.check_size(height, width)
+        return model_latent_shape(self.cfg.model, height, width)
 
     def decode_packet(self, data: bytes) -> tuple[bitstream.PacketHeader, np.ndarray]:
         """A whole-frame packet -> (header, uint8 frame). Sliced frames go through an assembler."""

@@ -16,6 +16,12 @@ Coding runs row by row (all channels of a row in one call), so the decoder has r
 needs row r's contexts. The range coder is `constriction`'s (Rust): `Categorical(perfect=False)`
 turns float64 probabilities into fixed-point ones deterministically, so sender and receiver,
 given the same weights file, use identical models. The payload is its 32-bit words, big-endian.
+
+Decoding does bounded work per payload byte: every code costs at least the fewest bits any
+table of its channel gives a symbol (`min_bits`), so a payload of n bytes holds at most about
+8n / min_bits codes; a claim of more is refused before decoding (`max_codes`), as is one over
+`MAX_DECODE_CODES`. The decoder builds the probability rows of at most `DECODE_CHUNK_FLOATS`
+floats at a time, so its memory is O(the codes it returns), whatever the row width.
 """
 
 from __future__ import annotations
@@ -35,6 +41,16 @@ MAX_SYMBOLS = 256
 ACTIVITY_BUCKETS = 8
 FIRST_ROW = ACTIVITY_BUCKETS  # the context of a slice's first row
 CONTEXTS = ACTIVITY_BUCKETS + 1
+MAX_DECODE_CODES = 1 << 18  # codes one payload may decode to: a 744x744 frame's 24 x 93 x 93 (pack_frame slices to fit)
+DECODE_CHUNK_FLOATS = 1 << 15  # probabilities built per decoder call: 256 KiB of float64
+# Slack of the bound on codes per payload: the coder's final words (64 bits) and 2 % for the
+# fixed-point rounding of probabilities (the ideal length of a code, not its exact cost).
+_BOUND_SLACK_BITS = 64
+_BOUND_SLACK = 0.98
+
+
+# floor(log2(1 + activity)) capped, for every activity three codes can have (as `contexts`)
+_BUCKET = np.minimum(ACTIVITY_BUCKETS - 1, np.log2(1 + np.arange(3 * 255 + 1, dtype=np.int32)).astype(np.int32))
 
 
 def _constriction():
@@ -102,6 +118,7 @@ class EntropyCoder:
         self.sizes = [np.asarray(s, np.int64) for s in sizes]
         self.zeros = [np.asarray(z, np.int64) for z in zeros]
         self.probs, self.bits = [], []
+        self.min_bits: list[np.ndarray] = []  # per level, (C,): the cheapest symbol of each channel, bits
         for lv in range(self.levels):
             n = int(self.sizes[lv].max())  # one width per level: rows of all channels in one call
             inside = np.arange(n)[None, None, :] < self.sizes[lv][:, None, None]
@@ -110,6 +127,16 @@ class EntropyCoder:
             self.probs.append(p)  # (C, CONTEXTS, n)
             with np.errstate(divide="ignore"):
                 self.bits.append(-np.log2(p))  # ideal code lengths, for rate estimates
+            self.min_bits.append((-np.log2(p.max(axis=2))).min(axis=1))
+
+    def max_codes(self, payload_bytes: int, level: int, channels: int) -> int:
+        """The most codes a range-coded payload of `payload_bytes` can hold at `level`, counted
+        in whole (channels x 1 x 1) columns (codes run over all channels of each position),
+        capped at `MAX_DECODE_CODES`: a payload that claims more is not this model's."""
+        self._check(level, channels)
+        per_column = float(self.min_bits[level].sum()) * _BOUND_SLACK
+        columns = (8 * payload_bytes + _BOUND_SLACK_BITS) / per_column if per_column > 0 else float("inf")
+        return int(min(MAX_DECODE_CODES, columns * channels))
 
     def _check(self, level: int, channels: int) -> None:
         if not 0 <= level < self.levels:
@@ -133,28 +160,45 @@ class EntropyCoder:
         return enc.get_compressed().astype(">u4").tobytes()
 
     def decode(self, payload: bytes, shape: tuple[int, int, int], level: int) -> np.ndarray:
-        """The inverse of `encode`; PacketError on a payload that cannot be these codes."""
+        """The inverse of `encode`; PacketError on a payload that cannot be these codes, or that
+        is too short to hold them (see `max_codes`: checked before any decoding)."""
         self._check(level, shape[0])
         if len(payload) % 4:
             raise PacketError(f"entropy-coded payload of {len(payload)} bytes is not whole 32-bit words")
-        cx = _constriction()
         channels, rows, width = shape
+        count = channels * rows * width
+        if count > self.max_codes(len(payload), level, channels):
+            raise PacketError(f"entropy-coded payload of {len(payload)} bytes cannot hold {count} codes "
+                              f"({channels}x{rows}x{width}) at level {level}: at most "
+                              f"{self.max_codes(len(payload), level, channels)}")
+        cx = _constriction()
         out = np.empty(shape, np.uint8)
-        chan = np.arange(channels)[:, None]
         zero = self.zeros[level]
+        table = self.probs[level]
+        n = table.shape[2]
+        flat = table.reshape(-1, n)  # (C * CONTEXTS, n)
+        base = (np.arange(channels) * CONTEXTS)[:, None]
+        limit = np.repeat(self.sizes[level], width)  # each symbol's alphabet, in row order
+        step = max(1, DECODE_CHUNK_FLOATS // n)
         model = cx.stream.model.Categorical(perfect=False)
         try:
             dec = cx.stream.queue.RangeDecoder(np.frombuffer(payload, ">u4").astype(np.uint32))
-            ctx = np.full((channels, width), FIRST_ROW)
-            for r in range(rows):
-                row = dec.decode(model, self.probs[level][chan, ctx].reshape(-1, self.probs[level].shape[2]))
-                row = row.reshape(channels, width)
-                if (row >= self.sizes[level][:, None]).any():
+            idx = np.repeat(base + FIRST_ROW, width, axis=1).reshape(-1)
+            row = np.empty(channels * width, np.int64)
+            for r in range(rows):  # idx: each symbol's table, in (channel, column) order as encoded
+                for s in range(0, idx.size, step):  # the same stream, decoded a chunk at a time
+                    row[s:s + step] = dec.decode(model, flat[idx[s:s + step]])
+                if (row >= limit).any():
                     raise PacketError("entropy-coded payload decodes to codes outside the alphabet")
-                out[:, r] = row
-                if r + 1 < rows:  # the next row's contexts come from this one
-                    ctx = contexts(out[:, r:r + 2], zero)[:, 1]
-        except (ValueError, RuntimeError, AssertionError) as e:
+                value = row.reshape(channels, width)
+                out[:, r] = value
+                if r + 1 < rows:  # the next row's contexts come from this one (as `contexts`)
+                    value = np.abs(value - zero[:, None])
+                    activity = value.copy()
+                    activity[:, 1:] += value[:, :-1]
+                    activity[:, :-1] += value[:, 1:]
+                    idx = (base + _BUCKET[activity]).reshape(-1)
+        except (ValueError, RuntimeError, AssertionError, OverflowError) as e:
             raise PacketError(f"entropy-coded payload does not decode: {e}") from None
         return out
 
