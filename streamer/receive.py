@@ -57,8 +57,11 @@ class Receiver:
         self.ice, self.stun = ice_addresses, list(stun)
         self.recorder, self.fps, self.quiet = recorder, fps, quiet
         self.frame_log = frame_log or FrameLog(None)
+        # the one latent shape this call's packets may have: anything else is refused unparsed
         self.frame_size = frame_size or codec.frame_size
-        self.assembler = FrameAssembler(codec, deadline_s)
+        self.assembler = FrameAssembler(codec, deadline_s, latent_shape=codec.latent_shape(self.frame_size))
+        self._foreign_said = 0
+        self._shown_at_call = 0
         self.stats = CallStats("recv")
         self.pc = None
         self.sender_id: str | None = None
@@ -89,6 +92,7 @@ class Receiver:
         await self.close_call()
         self.sender_id = sender_id
         self.calls += 1
+        self._shown_at_call = self.shown
         pc = self.pc = T.create_peer_connection(self.stun)
         self._parse_pool.submit(self.assembler.reset)
 
@@ -259,12 +263,21 @@ class Receiver:
         self._psnr, self._decode_ms = [], []
         return self.stats.tick()
 
+    def _say_foreign(self) -> None:
+        """Once per call: the sender's packets do not fit this receiver (another model, or
+        another --size), which would otherwise look like a call without pictures."""
+        n = self.assembler.n
+        if n.foreign and self._foreign_said < self.calls and self.shown == self._shown_at_call:
+            self._foreign_said = self.calls
+            print(f"receive: refusing the sender's packets: {n.last_error}", file=sys.stderr, flush=True)
+
     async def stats_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             snap = self.snapshot()
             if not self.quiet and (self.open or snap.get("fps")):  # no 0-fps lines between calls
                 print(self.stats.line(snap), flush=True)
+            self._say_foreign()
             await self.sig.send_stats(snap)
 
     # -- signaling -------------------------------------------------------------------------

@@ -155,3 +155,32 @@ def test_receiver_says_when_the_sender_leaves_and_comes_back():
             p.interrupt()
         for p in (tx, rx):
             p.ended_within(3.0)
+
+
+@pytest.mark.slow
+def test_receiver_says_why_it_refuses_a_sender_of_another_size():
+    """A sender at --size 160 and a receiver at the model's 224: instead of a silent call
+    without pictures, the receiver says what it refuses; with --size 160 the same call works."""
+    from server.app import serve_in_thread
+
+    with serve_in_thread(rooms={"demo": "secret"}) as srv:
+        common = ["--ice-address", "127.0.0.1"]
+        for receiver_size, works in ((None, False), ("160", True)):
+            size = ["--size", receiver_size] if receiver_size else []
+            rx = Program("streamer.receive", "--url", srv.join_url("demo", "receiver"), *common, *size)
+            tx = Program("streamer.send", "--url", srv.join_url("demo", "sender"), "--source", "synthetic",
+                         "--fps", "10", "--size", "160", *common)
+            rx.wait_for("call open")
+            if works:
+                rx.wait_for("| lat ")  # a stats line with latencies: frames were shown
+                assert not any("refusing" in line for line in rx.err), "".join(rx.err)
+            else:
+                end = time.monotonic() + 30
+                while not any("refusing the sender's packets" in line for line in rx.err):
+                    assert time.monotonic() < end, "".join(rx.out + rx.err)
+                    time.sleep(0.1)
+                assert any("24x20x20" in line and "24x28x28" in line for line in rx.err), "".join(rx.err)
+            for p in (tx, rx):
+                p.interrupt()
+            for p in (tx, rx):
+                p.ended_within(3.0)

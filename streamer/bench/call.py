@@ -277,7 +277,7 @@ async def _transport_run(mode: str, args: argparse.Namespace, packets_of: Any, c
 
     cfg = T.TransportConfig(mode, args.lifetime_ms)
     a, b, channel, received = await _loopback_pair(cfg)
-    asm = FrameAssembler(codec)
+    asm = FrameAssembler(codec, latent_shape=codec.latent_shape(args.size or codec.frame_size))
     ready: list[tuple[int, int, bool]] = []  # (frame, assembled µs, complete)
     sent_at: dict[int, int] = {}
     sender = T.ChannelSender(channel, cfg.buffer_threshold)
