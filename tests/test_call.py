@@ -266,3 +266,39 @@ def test_join_url_parsing():
         parse_join_url("http://127.0.0.1:8765/?room=demo")
     with pytest.raises(SignalingError):
         parse_join_url("not a url")
+
+
+@pytest.mark.slow
+def test_forged_packets_are_refused_and_the_frame_rate_holds():
+    """The two hand-found attacks (a 46-byte range packet claiming 24x1024x1024 latents, a
+    24,622-byte raw slice of an 8192x8192 frame; valid CRCs), 200 of each through the live
+    channel: all refused as foreign, and frames keep arriving at the source's rate."""
+    from streamer.bench.fuzz import attack_range_packet, attack_raw_slice
+
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
+            rx = Running(receive, common(srv, "receiver"))
+            tx = Running(send, common(srv, "sender") + ["--source", "synthetic", "--fps", "10"])
+            await wait_until(lambda: rx.obj is not None and rx.obj.shown >= 10)
+
+            async def shown_in(seconds: float, attack: bool) -> int:
+                start, loop = rx.obj.shown, asyncio.get_running_loop()
+                end = loop.time() + seconds
+                mid = tx.obj.codec.model_id
+                while loop.time() < end:
+                    if attack and tx.obj.channel is not None:
+                        for forged in (attack_range_packet(mid), attack_raw_slice(mid)):
+                            tx.obj.channel.channel.send(forged)
+                    await asyncio.sleep(0.04)
+                return rx.obj.shown - start
+
+            before = await shown_in(4, attack=False)
+            during = await shown_in(4, attack=True)
+            foreign = rx.obj.assembler.n.foreign
+            await tx.finish()
+            await rx.finish()
+            return before, during, foreign
+
+    before, during, foreign = asyncio.run(main())
+    assert foreign >= 150, foreign  # (the data channel may drop some under the flood)
+    assert during >= 0.8 * before and during >= 25, (before, during)
