@@ -246,3 +246,105 @@ def test_crop_then_downsample_gives_model_size() -> None:
     side, k = crop_side_for(64, *frame.shape[:2])
     out = downsample_frame(centre_crop(frame, side), 1 / k)
     assert out.shape == (64, 64, 3)
+
+
+# --- the fast path itself: row bags (vertical) + block convolution (horizontal) ---------------
+
+
+@pytest.mark.parametrize("s", [2, 3, 4, 8])
+@pytest.mark.parametrize("w", [1, 2, 7, 8, 9, 31, 33, 53, 64, 100, 130])
+def test_fast_path_widths_match_reference(s: int, w: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Widths below one block (fewer than 8 outputs), exact multiples of the s·8-column block,
+    # and widths that need the right-hand zero padding of the intermediate.
+    monkeypatch.setattr(AntiAliasDownsample, "_forward_conv", _no_conv_fallback)
+    h = 2 * s + 3
+    x = _rand(2, 3, h, w, seed=100 * s + w)
+    mod = AntiAliasDownsample(3, 1 / s)
+    out = mod(x)
+    exact = fomm_reference(x.double(), 1 / s)
+    assert out.shape == exact.shape == (2, 3, *_out_hw(h, w, 1 / s))
+    assert out.is_contiguous()
+    assert (out.double() - exact).abs().max().item() <= 1e-6
+    assert len(mod._plans) == 1  # one plan per geometry, reused
+    mod(x)
+    assert len(mod._plans) == 1
+
+
+def _no_conv_fallback(self: AntiAliasDownsample, x: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("the no-grad path must not use the differentiable conv fallback")
+
+
+def test_fast_path_vga_quarter_is_bags_plus_block_conv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The benchmark's case, 640×480 → 160×120: exactly one embedding_bag and one conv2d.
+    calls: list[str] = []
+    bag, conv = torch.nn.functional.embedding_bag, torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag",
+                        lambda *a, **k: calls.append("bag") or bag(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda *a, **k: calls.append("conv") or conv(*a, **k))
+    monkeypatch.setattr(AntiAliasDownsample, "_forward_conv", _no_conv_fallback)
+    x = _rand(1, 3, 480, 640, seed=42)
+    out = AntiAliasDownsample(3, 1 / 4)(x)
+    assert calls == ["bag", "conv"]
+    assert (out.double() - fomm_reference(x.double(), 1 / 4)).abs().max().item() <= 1e-6
+
+
+def test_plan_operands_are_the_band_matrices() -> None:
+    # The bags and the block-conv weight, expanded back into dense matrices, are the banded
+    # (zero-padded) Gaussian matrices: rows of Av are the vertical bags, Bh the horizontal pass.
+    from streamer.antialias import _horizontal_blocks, _vertical_bags
+
+    mod = AntiAliasDownsample(1, 1 / 4)
+    taps = mod.taps64
+    k, ka, s = taps.numel(), taps.numel() // 2, 4
+
+    def band(n: int) -> torch.Tensor:
+        no = (n - 1) // s + 1
+        m = torch.zeros(no, n, dtype=torch.float64)
+        for i in range(no):
+            for t in range(k):
+                if 0 <= i * s - ka + t < n:
+                    m[i, i * s - ka + t] = taps[t]
+        return m
+
+    for h in (1, 5, 13, 48):
+        idx, off, wts = _vertical_bags(2, h, s, taps, torch.device("cpu"), torch.float64)
+        av = torch.zeros(2 * ((h - 1) // s + 1), 2 * h, dtype=torch.float64)
+        ends = off.tolist()[1:] + [idx.numel()]
+        for b, (a, e) in enumerate(zip(off.tolist(), ends)):
+            av[b, idx[a:e].long()] = wts[a:e]
+        assert torch.equal(av, torch.block_diag(band(h), band(h)))
+    for w in (3, 32, 70):
+        p, blk, blocks, padded_w, weight = _horizontal_blocks(w, s, taps)
+        assert blk == s * p and blocks * p >= (w - 1) // s + 1 and padded_w >= w
+        half = weight.shape[-1] // 2
+        bh = torch.zeros(blocks * p, padded_w, dtype=torch.float64)
+        for m in range(blocks):
+            for d in range(-half, half + 1):
+                if 0 <= m + d < blocks:
+                    cols = slice((m + d) * blk, (m + d + 1) * blk)
+                    bh[m * p : (m + 1) * p, cols] = weight[:, :, 0, d + half]
+        # Taps that land on columns w.. read the zeros F.pad appends: FOMM's zero padding.
+        assert torch.equal(bh[: (w - 1) // s + 1, :w], band(w))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4])
+def test_frame_path_interleaved_matches_float_reference(
+    channels: int, scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # downsample_frame's gaussian runs on the HxWxC bytes directly; it must not go through
+    # the planar float path, and must equal the reference (rounded) to ±1, nearly everywhere
+    # exactly.
+    import streamer.antialias as aa
+
+    rng = np.random.default_rng(channels)
+    frame = rng.integers(0, 256, size=(45, 61, channels), dtype=np.uint8)
+    monkeypatch.setattr(aa, "downsample", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    got = downsample_frame(frame, scale)
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].double() / 255
+    want = (fomm_reference(x, scale)[0].permute(1, 2, 0) * 255).round().clamp(0, 255).numpy()
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    assert got.shape == (*_out_hw(45, 61, scale), channels)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2

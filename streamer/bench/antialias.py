@@ -10,10 +10,18 @@ every alternative in `streamer.antialias.METHODS`, at scale 1/4 (FOMM's 256 → 
 * median CPU time per frame (one (1,3,H,W) float32 frame per call, `time.perf_counter`,
   warm-up first, --repeats calls) at the clip's size and at 640×480, where the frames are
   bilinearly *resized* (upscaled) to 640×480 first. Calls are interleaved round-robin across
-  methods so that load from other processes hits all methods alike.
-* the speedup of `gaussian` over `fomm_reference` at 640×480 → 160×120, from the same run.
+  methods so that load from other processes hits all methods alike; the order rotates every
+  round (each method follows every other one equally often, so no method always inherits,
+  say, the reference's 7.5 MB of freshly written buffers in cache), and before each timed
+  call its input frame is read once, untimed, as a camera frame just converted for the
+  encoder would be in cache.
+* the speedup of `gaussian` over `fomm_reference` and its time as a multiple of `nearest`'s
+  (the cheapest resampler) at 640×480 → 160×120, from the same run, and the largest
+  |gaussian − reference| there (reference in float64).
+* the sender's path, `downsample_frame` on HxWx3 uint8 frames (640×480 → 160×120), for
+  `gaussian` and `nearest`, timed the same way.
 
-    python -m streamer.bench antialias [--json] [--frames 16] [--repeats 25] [--threads T]
+    python -m streamer.bench antialias [--json] [--frames 16] [--repeats 30] [--threads T]
                                        [--clip PATH]
 """
 
@@ -35,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamer.antialias import METHODS, FommReference, downsample
+from streamer.antialias import METHODS, FommReference, downsample, downsample_frame
 from . import cpu_name
 
 SAMPLE_CLIP = Path(__file__).resolve().parents[1] / "assets" / "sample.mpg"
@@ -43,6 +51,7 @@ SCALE = 0.25
 BIG_SIZE = (480, 640)  # (H, W)
 REFERENCE = "fomm_reference"
 BASELINE = "gaussian"
+NEAREST = "nearest"
 
 
 def sample_clip() -> Path:
@@ -98,16 +107,32 @@ def _errors(outs: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
     return res
 
 
-def _time(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], frames: list[torch.Tensor],
+def _read(x: Any) -> None:
+    """Bring a frame into cache (untimed), as the conversion that produced it would have."""
+    if isinstance(x, torch.Tensor):
+        x.sum()
+    else:
+        int(x.sum(dtype=np.uint64))
+
+
+def _time(fns: dict[str, Callable[[Any], Any]], frames: list[Any],
           repeats: int) -> dict[str, float]:
-    """Median ms per call for each function; round-robin so background load is shared."""
+    """Median ms per call for each function.
+
+    Round-robin so background load is shared, in an order that rotates every round so each
+    function follows each other one equally often; each timed call's input is read first.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: caches, allocator, thread pool
         fn(frames[0])
         fn(frames[-1])
+    names = list(fns)
     for r in range(repeats):
         x = frames[r % len(frames)]
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
+            _read(x)
             t0 = time.perf_counter()
             fn(x)
             times[name].append(time.perf_counter() - t0)
@@ -120,10 +145,16 @@ def run(clip: Path, n_frames: int, repeats: int) -> dict[str, Any]:
     batch = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     big = F.interpolate(batch, size=BIG_SIZE, mode="bilinear", align_corners=False).clamp_(0, 1)
     fns = _methods(batch.shape[1])
+    big_u8 = [f.mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+              for f in big]
+    frame_fns = {name: (lambda a, name=name: downsample_frame(a, SCALE, name))
+                 for name in (BASELINE, NEAREST)}
     with torch.inference_mode():
         errors = _errors({name: fn(batch) for name, fn in fns.items()})
+        max_diff = (fns[BASELINE](big).double() - fns[REFERENCE](big.double())).abs().max().item()
         ms_clip = _time(fns, [f[None].contiguous() for f in batch], repeats)
         ms_big = _time(fns, [f[None].contiguous() for f in big], repeats)
+        ms_frame = _time(frame_fns, big_u8, repeats)
     rows = []
     for name in fns:
         mae, psnr = errors[name]
@@ -148,6 +179,13 @@ def run(clip: Path, n_frames: int, repeats: int) -> dict[str, Any]:
         "rows": rows,
         "speedup_gaussian_vs_reference_640x480_quarter": ms_big[REFERENCE] / ms_big[BASELINE],
         "speedup_gaussian_vs_reference_clip_quarter": ms_clip[REFERENCE] / ms_clip[BASELINE],
+        "ratio_gaussian_to_nearest_640x480_quarter": ms_big[BASELINE] / ms_big[NEAREST],
+        "ratio_gaussian_to_nearest_clip_quarter": ms_clip[BASELINE] / ms_clip[NEAREST],
+        "max_abs_diff_gaussian_vs_reference_640x480": max_diff,
+        "frame_path": "downsample_frame on 640x480x3 uint8 frames (the clip frames above, "
+                      "rounded) -> 160x120x3 uint8",
+        "frame_ms_640x480": ms_frame,
+        "frame_ratio_gaussian_to_nearest_640x480": ms_frame[BASELINE] / ms_frame[NEAREST],
     }
 
 
@@ -161,8 +199,8 @@ def report(r: dict[str, Any]) -> str:
         f"{m['cpus']} cpus ({m['cpu']}), load avg {m.get('loadavg', ['?'])[0]}",
         "Error = vs the gaussian (FOMM) output, on [0,1] pixels: mean |diff| and PSNR",
         "  (the study measured keypoint error; there is no keypoint detector here).",
-        f"Time = median ms per frame over {r['repeats']} interleaved calls; 640x480 = clip "
-        "frames bilinearly resized to 640x480.",
+        f"Time = median ms per frame over {r['repeats']} interleaved calls (rotating order, "
+        "input read before each call); 640x480 = clip frames bilinearly resized to 640x480.",
         "",
         f"{'method':<16}{'mean|diff|':>12}{'PSNR dB':>9}{f'ms {w}x{h}':>13}{'ms 640x480':>12}"
         f"{'x faster than ref':>19}",
@@ -177,7 +215,14 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"speedup gaussian vs fomm_reference, 640x480 -> 1/4: "
         f"{r['speedup_gaussian_vs_reference_640x480_quarter']:.1f}x "
-        f"({w}x{h}: {r['speedup_gaussian_vs_reference_clip_quarter']:.1f}x)",
+        f"({w}x{h}: {r['speedup_gaussian_vs_reference_clip_quarter']:.1f}x); "
+        f"max |gaussian - reference| {r['max_abs_diff_gaussian_vs_reference_640x480']:.1e}",
+        f"gaussian time / nearest time, 640x480 -> 1/4: "
+        f"{r['ratio_gaussian_to_nearest_640x480_quarter']:.2f}x "
+        f"({w}x{h}: {r['ratio_gaussian_to_nearest_clip_quarter']:.2f}x)",
+        f"uint8 frame path (downsample_frame, 640x480x3): gaussian "
+        f"{r['frame_ms_640x480'][BASELINE]:.3f} ms, nearest {r['frame_ms_640x480'][NEAREST]:.3f} ms "
+        f"({r['frame_ratio_gaussian_to_nearest_640x480']:.2f}x)",
     ]
     return "\n".join(lines)
 
@@ -187,7 +232,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--frames", type=int, default=16, help="frames decoded from the clip (16)")
-    ap.add_argument("--repeats", type=int, default=25, help="timed calls per method and size (25)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per method and size (30)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--clip", type=Path, default=None, help=f"video to decode (default {SAMPLE_CLIP})")
     args = ap.parse_args(argv)
