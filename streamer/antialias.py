@@ -152,8 +152,8 @@ def fomm_reference(x: Tensor, scale: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 # Outputs per block in the horizontal pass: the block convolution has P output and s·P input
-# channels; P = 8 fills one AVX2 register of output channels and measured fastest (P = 4, 5,
-# 10, 16, 20, 40 were 1.2–2.2× slower at 640×480 → 1/4, one thread).
+# channels; P = 8 fills one AVX2 register of output channels and measured fastest for the
+# whole module (P = 4, 5, 10, 16, 20, 40: 1.25–2.2× slower at 640×480 → 1/4, one thread).
 _H_BLOCK_OUTPUTS = 8
 # Plans kept per module (one per input geometry); a video call uses one.
 _MAX_PLANS = 16
