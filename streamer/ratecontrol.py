@@ -44,7 +44,10 @@ from .errors import ConfigError
 
 
 class FrameType(enum.IntEnum):
-    """A frame's coding type; the values are the packet header's `frame type` byte."""
+    """A frame's coding type; the values are the packet header's `frame type` byte.
+
+    `streamer.session.FrameType` has the same values; it is not imported because session pulls
+    in torch. Either enum (or a plain 0/1) works wherever this module takes a frame type."""
 
     INTRA = 0  # coded alone (an I-frame, a keyframe)
     INTER = 1  # coded against the previous frame (a P-frame)
