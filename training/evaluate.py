@@ -19,6 +19,9 @@ bits per pixel come from the bytes of its packets (`NeuralCodec.packets`, header
   and at call rates 0.1-0.7 Mbit/s; measured on the same sampled frames.
 
 Writes `<out>/rd.json` (the table) and `<out>/rd.png` (the plot).
+
+`--video` is the other evaluation: whole clips at call bitrates (`--kbps`) through the neural
+codec, x264 and VP8, with BD-rates (`training/video_eval.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from streamer.errors import StreamerError
 from streamer.roundtrip import decode_packets
 
 from . import data as D
+from . import video_eval
 from .config import check_media, require_extra
 from .metrics import ms_ssim, mse_uint8, summarize_psnr
 
@@ -407,8 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--x264-preset", default="veryfast")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     add_backend_arguments(ap, default="eager")
+    ap.add_argument("--video", action="store_true",
+                    help="video RD at call bitrates against x264 and VP8 (training/video_eval.py)")
+    video_eval.add_arguments(ap)
     args = ap.parse_args(argv)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    if args.video:
+        return video_eval.main(args, argv, log)
     try:
         check_media(args.data, "--data")  # mistakes up front, before minutes of work
         if args.out:
