@@ -14,6 +14,14 @@ Anything for a frame at or before the newest one handed out is late and dropped,
 never go backwards. A sender restart (frame numbers start again, capture clock moves on) is
 recognised by a lower frame number with a newer timestamp and resets the ordering.
 
+P-frames. An inter slice carries residuals against the previous frame's codes (carried to its
+level), so the assembler keeps the *reference* in lock-step with the sender's: every frame in
+order, including the concealed ones, becomes the prediction of the next. The reference is good
+(`reference_ok`) after a complete I-frame and stays good through complete P-frames that follow
+their reference directly; a lost or concealed frame breaks it, and `needs_keyframe` then asks
+the receiver to request an I-frame from the sender (concealment goes on meanwhile: missing rows
+and residuals decoded on a broken reference show the old picture's drift only until then).
+
 Bad packets never raise: corrupt or truncated ones count in `bad_packets`, packets of another
 model, quantizer or latent shape in `foreign`; the call goes on.
 
@@ -72,13 +80,16 @@ class AssembledFrame:
 
     def __init__(self, frame_number: int, timestamp_us: int, codes: np.ndarray, have: np.ndarray,
                  lo: np.ndarray | None, hi: np.ndarray | None, prev: "AssembledFrame | None",
-                 first_arrival: float, last_arrival: float, level: int = 0) -> None:
+                 first_arrival: float, last_arrival: float, level: int = 0, inter: bool = False,
+                 reference_ok: bool = True) -> None:
         self.frame_number = frame_number
         self.timestamp_us = timestamp_us  # sender's capture time
         self.codes = codes  # (C, H, W) uint8; missing rows hold the previous frame's codes
         self.have = have  # bool per latent row
         self.lo, self.hi = lo, hi  # minmax range (None: the model's fixed range)
         self.level = level  # step mode: the quantizer level of the frame's slices
+        self.inter = inter  # some slice held residuals against the previous frame
+        self.reference_ok = reference_ok  # these codes are the sender's (as far as the receiver knows)
         self._prev = prev if not have.all() else None
         self._latents: torch.Tensor | None = None
         self.first_arrival, self.last_arrival = first_arrival, last_arrival
@@ -132,6 +143,9 @@ class _Pending:
     level: int = 0
     slices: int = 0
     saw_last: bool = False
+    inter: bool = False
+    ref_number: int | None = None  # the frame its prediction came from
+    mispredicted: bool = False  # residuals that cannot apply to our reference (it is not the sender's)
 
 
 @dataclass
@@ -146,6 +160,7 @@ class AssemblerCounters:
     concealed: int = 0
     lost: int = 0  # frame numbers skipped entirely (no slice arrived)
     restarts: int = 0
+    mispredicted: int = 0  # inter slices whose residuals left the codes' range on our reference
     last_error: str = field(default="", repr=False)
 
 
@@ -164,6 +179,8 @@ class FrameAssembler:
             raise ValueError(f"max_gap ({max_gap}) and max_pending ({max_pending}) must be at least 1")
         self.max_gap, self.max_pending = int(max_gap), int(max_pending)
         self.n = AssemblerCounters()
+        self.reference_ok = False  # no frame yet: nothing to predict from
+        self._alphabets: dict[int, np.ndarray] = {}
         self._pending: dict[int, _Pending] = {}
         self._last_number: int | None = None  # newest frame handed out
         self._last_ts = 0
@@ -242,20 +259,31 @@ class FrameAssembler:
             if len(self._pending) >= self.max_pending:  # all newer than this one: it is too late
                 self.n.late += 1
                 return out
-            pend = self._new_pending(number, h.timestamp_us, shape, now)
+            pend = self._new_pending(number, h.timestamp_us, shape, now, h.level)
             self._pending[number] = pend
-        elif pend.shape != shape:
+        elif pend.shape != shape or pend.level != h.level:
             self.n.bad_packets += 1
-            self.n.last_error = f"slice shape {shape} differs from its frame's {pend.shape}"
+            self.n.last_error = (f"slice of shape {shape} at level {h.level}; its frame's are "
+                                 f"{pend.shape} at level {pend.level}")
             return out
         rows = slice(h.row_start, h.row_start + h.row_count)
         if pend.have[rows].all():
             self.n.duplicate += 1
             return out
-        pend.codes[:, rows] = p.codes
+        if p.residual is not None:  # prediction (already in pend.codes) + residual
+            sizes = self._sizes(h.level)
+            codes = pend.codes[:, rows].astype(np.int16) + p.residual
+            top = (sizes - 1)[:, None, None]
+            if ((codes < 0) | (codes > top)).any():  # residuals for another reference than ours
+                codes = np.clip(codes, 0, top)
+                pend.mispredicted = True
+                self.n.mispredicted += 1
+            pend.codes[:, rows] = codes.astype(np.uint8)
+            pend.inter = True
+        else:
+            pend.codes[:, rows] = p.codes
         if p.lo is not None:  # minmax: every slice of a frame carries the frame's range
             pend.lo, pend.hi = p.lo, p.hi
-        pend.level = h.level  # every slice of a frame is quantized at the frame's level
         pend.have[rows] = True
         pend.slices += 1
         pend.last_arrival = now
@@ -276,13 +304,28 @@ class FrameAssembler:
             return []
         return self._flush(before=max(due) + 1)
 
+    def flush(self) -> list[AssembledFrame]:
+        """Hand out every pending frame now (offline decoding: nothing more will arrive)."""
+        return self._flush(before=max(self._pending, default=-1) + 1)
+
     def next_deadline(self) -> float | None:
         if not self._pending:
             return None
         return min(p.first_arrival for p in self._pending.values()) + self.deadline_s
 
+    @property
+    def needs_keyframe(self) -> bool:
+        """The reference is broken (a frame was lost or concealed): ask the sender for an I-frame."""
+        return self._last_number is not None and not self.reference_ok
+
+    def _sizes(self, level: int) -> np.ndarray:
+        if level not in self._alphabets:
+            self._alphabets[level] = self.codec.quantizer.alphabet(level)[0]
+        return self._alphabets[level]
+
     def reset(self) -> None:
         """Forget ordering and pending frames (a new call); keeps the last picture for concealment."""
+        self.reference_ok = False
         self._pending.clear()
         self._last_number = None
         self._last_ts = 0
@@ -292,12 +335,18 @@ class FrameAssembler:
         self.n.restarts += 1
         self.reset()
 
-    def _new_pending(self, number: int, ts: int, shape: tuple[int, int, int], now: float) -> _Pending:
-        if self._prev is not None and self._prev.codes.shape == shape:
-            codes = self._prev.codes.copy()
+    def _new_pending(self, number: int, ts: int, shape: tuple[int, int, int], now: float,
+                     level: int = 0) -> _Pending:
+        """A frame's codes start as the prediction from the previous frame (the previous codes on
+        this frame's level grid): what inter slices add residuals to and lost rows keep."""
+        prev = self._prev
+        if prev is not None and prev.codes.shape == shape:
+            codes = self.codec.quantizer.requantize(prev.codes, prev.level, level).copy()
+            ref = prev.frame_number
         else:  # nothing to conceal with yet: the middle code (a flat, neutral picture)
-            codes = self.codec.neutral_codes(shape)
-        return _Pending(number, ts, shape, codes, None, None, np.zeros(shape[1], bool), now, now)
+            codes, ref = self.codec.neutral_codes(shape), None
+        return _Pending(number, ts, shape, codes, None, None, np.zeros(shape[1], bool), now, now, level,
+                        ref_number=ref)
 
     def _flush(self, before: int) -> list[AssembledFrame]:
         """Hand out every pending frame numbered below `before`, oldest first."""
@@ -309,8 +358,16 @@ class FrameAssembler:
     def _emit(self, p: _Pending) -> AssembledFrame:
         if self._last_number is not None and p.number > self._last_number + 1:
             self.n.lost += min(p.number - self._last_number - 1, self.max_gap)
+        complete = bool(p.have.all())
+        # the reference holds if this frame is whole and, when it built on its predecessor, that
+        # predecessor was the frame right before it and was good
+        if p.inter:
+            self.reference_ok = (complete and self.reference_ok and p.ref_number == p.number - 1
+                                 and not p.mispredicted)
+        else:
+            self.reference_ok = complete
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,
-                           p.first_arrival, p.last_arrival, p.level)
+                           p.first_arrival, p.last_arrival, p.level, p.inter, self.reference_ok)
         if f.complete:
             self.n.complete += 1
         else:

@@ -38,6 +38,9 @@ STARTED = time.monotonic()
 # Packets waiting for the parse thread at most (~20 frames of slices): past it the newest are
 # dropped, so a flood cannot grow memory or delay the call by more than that.
 MAX_PARSE_BACKLOG = 128
+# While the reference is broken, ask the sender for an I-frame at most this often: one request
+# per ~RTT is enough, and an I-frame in flight must not be answered by another.
+KEYFRAME_REQUEST_INTERVAL_S = 0.2
 
 
 def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
@@ -74,6 +77,9 @@ class Receiver:
         self._parsing = 0  # packets handed to the parse thread and not yet done
         self.overload = 0  # packets dropped because the parse thread was MAX_PARSE_BACKLOG behind
         self.exit_code = 0
+        self.meta_channel: Any = None  # the sender's meta channel: keyframe requests go back on it
+        self._last_keyframe_request = 0.0
+        self.keyframe_requests = 0
         self.open = False  # a call's latent channel is open
         self._last_shown = -1
         self._last_publish = 0.0
@@ -107,6 +113,7 @@ class Receiver:
                 channel.on("message", self.on_packet)
                 self._announce_open(sender_id)
             else:
+                self.meta_channel = channel
                 channel.on("message", self.on_meta)
 
         try:
@@ -149,16 +156,19 @@ class Receiver:
         fut = asyncio.get_running_loop().run_in_executor(self._parse_pool, self._assemble, fn, *args)
         fut.add_done_callback(self._assembled)
 
-    def _assemble(self, fn: Callable[..., list[AssembledFrame]], *args: Any) -> tuple[list[AssembledFrame], float | None]:
-        return fn(*args), self.assembler.next_deadline()
+    def _assemble(self, fn: Callable[..., list[AssembledFrame]], *args: Any
+                  ) -> tuple[list[AssembledFrame], float | None, bool]:
+        return fn(*args), self.assembler.next_deadline(), self.assembler.needs_keyframe
 
-    def _assembled(self, fut: "asyncio.Future[tuple[list[AssembledFrame], float | None]]") -> None:
+    def _assembled(self, fut: "asyncio.Future[tuple[list[AssembledFrame], float | None, bool]]") -> None:
         self._parsing -= 1
         if fut.cancelled() or fut.exception() is not None:
             return
-        frames, deadline = fut.result()
+        frames, deadline, needs_keyframe = fut.result()
         for frame in frames:
             self.offer_frame(frame)
+        if needs_keyframe and frames:
+            self.request_keyframe(frames[-1].frame_number)
         if deadline is not None and self._poll_handle is None:
             self._poll_handle = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - time.monotonic()) + 0.001, self._poll)
@@ -166,6 +176,20 @@ class Receiver:
     def _poll(self) -> None:
         self._poll_handle = None
         self._hand_to_parser(self.assembler.poll)
+
+    def request_keyframe(self, after: int) -> None:
+        """Ask the sender for an I-frame (our reference no longer matches its): what RTCP PLI
+        does for RTP video. Rate-limited; the assembler conceals until the I-frame arrives."""
+        now = time.monotonic()
+        ch = self.meta_channel
+        if ch is None or ch.readyState != "open" or now - self._last_keyframe_request < KEYFRAME_REQUEST_INTERVAL_S:
+            return
+        self._last_keyframe_request = now
+        self.keyframe_requests += 1
+        try:
+            ch.send(json.dumps({"kf": after}))
+        except Exception:  # noqa: BLE001 - the channel closed under us: the next call starts with an I-frame
+            pass
 
     def offer_frame(self, frame: AssembledFrame) -> None:
         """Latest-only hand-over to the decoder: an undecoded older frame is skipped."""
@@ -197,6 +221,7 @@ class Receiver:
                 self.verified += 1
             else:
                 self.mismatched += 1
+                self.request_keyframe(n)  # our reference is not the sender's: start again from an I-frame
         if meta["ok"] and "psnr" in meta and not meta.get("psnr_used"):
             meta["psnr_used"] = True  # the sender's local decode is ours, bit for bit
             self._psnr.append(float(meta["psnr"]))
@@ -257,6 +282,7 @@ class Receiver:
             self.stats.totals[key] = getattr(n, key)
         self.stats.totals["verified"] = self.verified
         self.stats.totals["overload"] = self.overload
+        self.stats.totals["keyframe_requests"] = self.keyframe_requests
         self.stats.totals["mismatched"] = self.mismatched
         self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
         self.stats.values["decode_ms"] = round(sum(self._decode_ms) / len(self._decode_ms), 1) if self._decode_ms else None
@@ -318,7 +344,7 @@ class Receiver:
         n = self.assembler.n
         lat = self.latencies
         return {"role": "receiver", "shown": self.shown, "complete": n.complete, "concealed": n.concealed,
-                "overload": self.overload,
+                "overload": self.overload, "keyframe_requests": self.keyframe_requests,
                 "lost": n.lost, "bad_packets": n.bad_packets, "foreign": n.foreign, "late": n.late,
                 "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
                 "mismatched": self.mismatched, "bytes": n.bytes, "calls": self.calls,

@@ -30,6 +30,7 @@ from .assembler import codes_crc
 from .codec import NeuralCodec
 from .metrics import psnr
 from .receive import jpeg
+from .session import DEFAULT_KEYFRAME_INTERVAL, Candidate, EncoderSession, FrameType
 from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
@@ -41,11 +42,15 @@ class Sender:
     def __init__(self, codec: NeuralCodec, source: FrameSource, sig: Signaling, cfg: T.TransportConfig, *,
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
-                 quiet: bool = False, level: int | None = None) -> None:
+                 quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+                 inter: bool = True) -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         # step-mode models: the quantizer level (step size) frames are sent at; a rate
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
+        # the call's reference frame and the I/P decision (one per call: reset on a new one)
+        self.session = EncoderSession(codec, max_packet_bytes=cfg.max_packet_bytes, level=self.level,
+                                      keyframe_interval=keyframe_interval, inter=inter)
         self.ice, self.stun = ice_addresses, list(stun)
         self.measure, self.share_original, self.quiet = measure, share_original, quiet
         self.loss, self.loss_seconds = loss, loss_seconds
@@ -73,6 +78,8 @@ class Sender:
         pc = self.pc = T.create_peer_connection(self.stun)
         latents, meta = T.create_channels(pc, self.cfg)
         self.channel, self.meta = T.ChannelSender(latents, self.cfg.buffer_threshold), meta
+        self.session.reset()  # the receiver has no reference yet: the first frame is an I-frame
+        meta.on("message", self.on_meta)
 
         @latents.on("open")
         def on_open() -> None:
@@ -108,12 +115,20 @@ class Sender:
         if pc is not None:
             await cli.bounded(pc.close())
 
+    def on_meta(self, data: bytes | str) -> None:
+        """The receiver's side messages: {"kf": N} asks for an I-frame (its reference broke
+        after frame N was lost or concealed, or failed its CRC)."""
+        try:
+            m = json.loads(data)
+        except (ValueError, TypeError):
+            return
+        if isinstance(m, dict) and "kf" in m:
+            self.session.request_keyframe()
+            self.stats.count("keyframe_requests")
+
     # -- frames ----------------------------------------------------------------------------
-    def _encode(self, cap: CapturedFrame, number: int) -> tuple[list[bytes], Any, float]:
-        t0 = time.perf_counter()
-        q = self.codec.encode(cap.image, self.level)
-        packets = self.codec.pack(q, number, cap.timestamp_us, self.cfg.max_packet_bytes)
-        return packets, q, (time.perf_counter() - t0) * 1000
+    def _encode(self, cap: CapturedFrame, number: int) -> Candidate:
+        return self.session.encode(cap.image, number, cap.timestamp_us)
 
     async def capture_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,14 +141,17 @@ class Sender:
                 self.stats.count("dropped")
                 continue
             number = self.frame_number
-            packets, q, ms = await loop.run_in_executor(self._pool, self._encode, cap, number)
-            self._encode_ms.append(ms)
-            if ch is not self.channel or not ch.send_frame(packets):
-                self.stats.count("dropped")
+            cand = await loop.run_in_executor(self._pool, self._encode, cap, number)
+            self._encode_ms.append(cand.encode_ms)
+            if ch is not self.channel or not ch.send_frame(cand.packets):
+                self.stats.count("dropped")  # never sent: the reference stays the previous frame
                 continue
+            self.session.commit(cand)
+            q = cand.q
             self.frame_number += 1
             self.stats.count("frames")
-            self.stats.count("bytes", sum(len(p) for p in packets))
+            self.stats.count("i_frames" if cand.frame_type == FrameType.INTRA else "p_frames")
+            self.stats.count("bytes", sum(len(p) for p in cand.packets))
             self._send_meta({"f": number, "crc": codes_crc(q.codes)})
             if self.measure and not self._measuring:  # latest-only: skip while one is running
                 self._measuring = True
@@ -250,6 +268,8 @@ class Sender:
 
     def summary(self) -> dict[str, Any]:
         return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),
+                "i_frames": self.session.frames[FrameType.INTRA], "p_frames": self.session.frames[FrameType.INTER],
+                "keyframe_requests": self.session.keyframe_requests,
                 "captured": self.source.captured, "capture_dropped": self.source.dropped,
                 "loss_dropped": self.injector.dropped if self.injector else 0, "loss_end_us": self.loss_end_us,
                 "model": f"{self.codec.name} {self.codec.model_id:08x}", "transport": self.cfg.mode,
@@ -267,6 +287,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own)")
     ap.add_argument("--level", type=int, default=None,
                     help="quantizer level of step-mode models: 0 = finest step (most bits); default: the model's")
+    ap.add_argument("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL, metavar="FRAMES",
+                    help=f"an I-frame at least every this many frames (default {DEFAULT_KEYFRAME_INTERVAL}; "
+                    "0: only when the receiver asks)")
+    ap.add_argument("--intra-only", action="store_true",
+                    help="code every frame alone (no P-frames: ~3x the rate, for comparison)")
     ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
                     help="slices: one-chunk slices, no retransmission (default); lifetime: whole frames "
                     "with a packet lifetime")
@@ -288,6 +313,7 @@ def check_args(args: argparse.Namespace) -> None:
     cli.require(0 <= args.simulate_loss < 1, f"--simulate-loss must be in [0, 1), got {args.simulate_loss:g}")
     cli.require(args.loss_seconds >= 0, f"--loss-seconds must be 0 or more, got {args.loss_seconds:g}")
     cli.require(args.lifetime_ms >= 1, f"--lifetime-ms must be at least 1, got {args.lifetime_ms}")
+    cli.require(args.keyframe_interval >= 0, f"--keyframe-interval must be 0 or more, got {args.keyframe_interval}")
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
@@ -318,7 +344,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
               f"{args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
-                quiet=args.quiet, level=args.level)
+                quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
+                inter=not args.intra_only)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

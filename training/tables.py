@@ -6,6 +6,13 @@ Training's stage 2 does this itself at every export; this is for weights whose t
 missing or were fitted by an older context model. The encoder runs on `--frames` full-size
 training frames spread evenly over the cache (`training.data.FrameCache`: the same sampling and
 cache as training), and every quantizer level gets its tables from their codes.
+
+    python -m training.tables --weights default --out streamer/weights/default --residual-only
+
+fits the P-frame residual tables (`streamer/codec/residual.py`) and keeps the intra tables:
+consecutive frames of `--clips` training videos at the call's framing (the FOMM Gaussian to the
+model's size, `--clip-frames` frames from each clip's start), each frame's codes against the
+previous frame's, at every level.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.codec import NeuralCodec, entropy, weights
+from streamer.codec import NeuralCodec, entropy, residual, weights
 from streamer.errors import StreamerError
 
 from . import data as D
@@ -30,6 +37,41 @@ def fit_tables(codec: NeuralCodec, frames: np.ndarray, batch: int = 32) -> np.nd
         y = torch.cat([codec.model.encoder(torch.from_numpy(frames[i:i + batch]).permute(0, 3, 1, 2).float() / 255)
                        for i in range(0, len(frames), batch)])
     return entropy.fit_levels(codec.quantizer, y)
+
+
+def fit_residual_tables(codec: NeuralCodec, clips: list[np.ndarray], batch: int = 32) -> np.ndarray:
+    """Residual tables (levels, C, CONTEXTS, 511) from clips of consecutive uint8 frames (T, H, W, 3)."""
+    sequences = []
+    with torch.inference_mode():
+        for frames in clips:
+            sequences.append(torch.cat([
+                codec.model.encoder(torch.from_numpy(frames[i:i + batch]).permute(0, 3, 1, 2).float() / 255)
+                for i in range(0, len(frames), batch)]))
+    return residual.fit_levels(codec.quantizer, sequences)
+
+
+def training_clips(root: str, size: int, clips: int, frames: int) -> list[np.ndarray]:
+    """Up to `clips` videos under `root` (spread over the sorted list), `frames` consecutive
+    frames each from the start, at the call's framing."""
+    from streamer.sources import prepare
+    from streamer.video import read_frames
+
+    videos = [p for p in D.folder_sources(root) if D.is_video(p)]
+    if not videos:
+        raise StreamerError(f"no training videos under {root}")
+    pick = np.linspace(0, len(videos) - 1, num=min(clips, len(videos))).round().astype(int)
+    out = []
+    for i in dict.fromkeys(pick.tolist()):
+        try:
+            seq = [prepare(f, size) for f in read_frames(videos[i], frames)]
+        except StreamerError as e:
+            print(f"skipped {videos[i]}: {e}", file=sys.stderr)
+            continue
+        if len(seq) >= 2:
+            out.append(np.stack(seq))
+    if not out:
+        raise StreamerError(f"no readable training videos under {root}")
+    return out
 
 
 def training_frames(root: str, size: int, count: int, every_s: float = 0.25,
@@ -48,25 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", default="/work/shared/data/train", help="folder of training videos/images")
     ap.add_argument("--out", required=True, help="where to write the weights with their new tables")
     ap.add_argument("--frames", type=int, default=1024, help="training frames to count codes on (default 1024)")
+    ap.add_argument("--residual-only", action="store_true",
+                    help="fit only the P-frame residual tables (keep the intra tables)")
+    ap.add_argument("--clips", type=int, default=64, help="training videos for the residual tables (default 64)")
+    ap.add_argument("--clip-frames", type=int, default=60,
+                    help="consecutive frames from each clip for the residual tables (default 60)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
         check_media(args.train, "--train")  # mistakes up front, before minutes of work
         require_extra("tqdm")  # the frame cache's progress bar
-        cfg, model, _ = weights.load(args.weights, entropy_tables=False)  # old tables are replaced
+        # old tables are replaced (the intra ones are kept with --residual-only)
+        cfg, model, _ = weights.load(args.weights, entropy_tables=args.residual_only)
         if cfg.quantizer.mode not in ("step", "fixed"):
             raise StreamerError(f"a {cfg.quantizer.mode} quantizer has no fixed codes to fit tables on")
         codec = NeuralCodec(cfg, model, 0)
-        frames = training_frames(args.train, codec.frame_size, args.frames)
-        codec.set_entropy_counts(fit_tables(codec, frames))
-        cfg.training = {**cfg.training, "entropy_tables": f"python -m training.tables on {len(frames)} "
-                        f"frames of {args.train}"}
+        if not args.residual_only:
+            frames = training_frames(args.train, codec.frame_size, args.frames)
+            codec.set_entropy_counts(fit_tables(codec, frames))
+            cfg.training = {**cfg.training, "entropy_tables": f"python -m training.tables on {len(frames)} "
+                            f"frames of {args.train}"}
+        if cfg.quantizer.mode == "step":
+            clips = training_clips(args.train, codec.frame_size, args.clips, args.clip_frames)
+            codec.set_residual_counts(fit_residual_tables(codec, clips))
+            cfg.training = {**cfg.training, "residual_tables": f"python -m training.tables on {len(clips)} clips "
+                            f"x {args.clip_frames} consecutive frames of {args.train}"}
         weights.save(args.out, cfg, codec.model)
     except StreamerError as e:
         print(f"tables: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {Path(args.out).with_suffix('.json')} with tables for {codec.levels} level(s) "
-          f"from {len(frames)} frames", flush=True)
+    print(f"wrote {Path(args.out).with_suffix('.json')} with tables for {codec.levels} level(s)"
+          + (" (P-frame residual tables too)" if codec.residual is not None else ""), flush=True)
     return 0
 
 

@@ -11,7 +11,8 @@ Layout (big-endian), version 2::
      0     4     magic  b"NVCF"
      4     1     version
      5     1     coding        0 = raw bit-packed codes, 1 = range-coded (entropy.py tables)
-     6     1     frame_type    0 = intra (inter-frame coding slots in as 1)
+     6     1     frame_type    0 = intra (codes); 1 = inter (residuals against the previous
+                               frame's codes, range-coded; see residual.py and session.py)
      7     1     bits          1..8 bits per code
      8     1     quant_mode    0 = fixed range, 1 = per-frame per-channel min/max, 2 = step
      9     1     level         step mode: the quantizer level (step size index); else 0
@@ -49,6 +50,7 @@ from ..errors import PacketError
 from .entropy import MAX_DECODE_CODES, EntropyCoder
 from .presets import STRIDE
 from .quantizer import Quantized
+from .residual import ResidualCoder
 
 MAGIC = b"NVCF"
 VERSION = 2
@@ -56,6 +58,8 @@ CODING_RAW = 0
 CODING_RANGE = 1
 CODINGS = {CODING_RAW: "raw", CODING_RANGE: "range"}
 FRAME_INTRA = 0
+FRAME_INTER = 1  # a slice of residuals: decodes only on top of the previous frame
+FRAME_TYPES = (FRAME_INTRA, FRAME_INTER)
 QUANT_MODES = {"fixed": 0, "minmax": 1, "step": 2}
 QUANT_NAMES = {v: k for k, v in QUANT_MODES.items()}
 
@@ -100,9 +104,10 @@ class PacketHeader:
 @dataclass
 class Packet:
     header: PacketHeader
-    codes: np.ndarray  # (channels, row_count, width) uint8
+    codes: np.ndarray | None  # (channels, row_count, width) uint8; None in an inter slice
     lo: np.ndarray | None  # (channels,) float32; None in fixed mode (the model holds the range)
     hi: np.ndarray | None
+    residual: np.ndarray | None = None  # inter slice: (channels, row_count, width) int16 residuals
 
 
 # -- bit packing ---------------------------------------------------------------------------
@@ -166,9 +171,11 @@ def side_bytes(quant_mode: str, channels: int) -> int:
 
 
 def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
-         hi: np.ndarray | None = None, coder: EntropyCoder | None = None, check_size: bool = True) -> bytes:
+         hi: np.ndarray | None = None, coder: EntropyCoder | None = None, check_size: bool = True,
+         residual_coder: ResidualCoder | None = None) -> bytes:
     """One packet for one slice. `codes` is (channels, row_count, width) uint8; a range-coded
-    header (coding 1) needs the model's `coder`."""
+    header (coding 1) needs the model's `coder`; an inter header (frame type 1) takes int16
+    residuals as `codes` and needs the model's `residual_coder`."""
     h = header
     if codes.shape != (h.channels, h.row_count, h.width):
         raise ValueError(f"codes shape {codes.shape} does not match header {(h.channels, h.row_count, h.width)}")
@@ -177,7 +184,11 @@ def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
         if lo is None or hi is None:
             raise ValueError("minmax packets need the lo/hi side information")
         side = np.asarray(lo, np.float32).astype(">f2").tobytes() + np.asarray(hi, np.float32).astype(">f2").tobytes()
-    if h.coding == CODING_RANGE:
+    if h.frame_type == FRAME_INTER:
+        if residual_coder is None:
+            raise ValueError("an inter packet needs the model's residual coder")
+        payload = residual_coder.encode(codes, h.level)
+    elif h.coding == CODING_RANGE:
         if coder is None:
             raise ValueError("a range-coded packet needs the model's entropy coder")
         payload = coder.encode(codes, h.level)
@@ -248,7 +259,45 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
     return packets
 
 
+def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_number: int, timestamp_us: int,
+                     max_packet_bytes: int | None, residual_coder: ResidualCoder) -> list[bytes]:
+    """A P-frame as packets: `residual` (C, H, W) int16 = q.codes - the prediction from the
+    reference. Slices of residuals sized by their estimated coded size; a band whose residuals
+    would not code smaller than its raw codes (a scene cut, a face turning) is sent as intra
+    slices of its raw codes instead, which decode without the reference."""
+    channels, height, width = q.codes.shape
+
+    def header(start: int, count: int, coding: int, frame_type: int) -> PacketHeader:
+        return PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
+                            timestamp_us=timestamp_us, channels=channels, height=height, width=width,
+                            row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode,
+                            level=q.level, coding=coding, frame_type=frame_type)
+
+    limit = MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
+    room = limit - OVERHEAD_BYTES
+    row_bytes = residual_coder.estimate_bits(residual, q.level) / 8
+    packets: list[bytes] = []
+    start = 0
+    while start < height:
+        count = min(height - start, max(1, MAX_DECODE_CODES // (channels * width)))
+        fits = np.cumsum(row_bytes[start:start + count]) * 1.02 + 8 <= room
+        count = max(1, int(fits.sum()))
+        band = slice(start, start + count)
+        inter = pack(header(start, count, CODING_RANGE, FRAME_INTER), residual[:, band], check_size=False,
+                     residual_coder=residual_coder)
+        if len(inter) - OVERHEAD_BYTES < packed_size(channels * count * width, q.bits) and len(inter) <= limit:
+            packets.append(inter)
+        else:  # intra for this band: its raw codes
+            rows = rows_per_slice(q.codes.shape, q.bits, q.mode, max_packet_bytes)
+            for s in range(start, start + count, rows):
+                n = min(rows, start + count - s)
+                packets.append(pack(header(s, n, CODING_RAW, FRAME_INTRA), q.codes[:, s:s + n]))
+        start += count
+    return packets
+
+
 def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None,
+           residual_coder: "ResidualCoder | None" = None,
            expect_shape: tuple[int, int, int] | None = None,
            check_header: Callable[[PacketHeader], None] | None = None) -> Packet:
     """Parse one packet strictly. Every malformed input raises `PacketError` with the reason.
@@ -276,8 +325,10 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         raise PacketError(f"packet format version {version}; this decoder reads version {VERSION}")
     if coding not in CODINGS:
         raise PacketError(f"unsupported coding {coding} (this decoder reads raw 0 and range-coded 1)")
-    if frame_type != FRAME_INTRA:
-        raise PacketError(f"unsupported frame type {frame_type} (this decoder reads intra frames, 0)")
+    if frame_type not in FRAME_TYPES:
+        raise PacketError(f"unsupported frame type {frame_type} (this decoder reads intra 0 and inter 1)")
+    if frame_type == FRAME_INTER and (coding != CODING_RANGE or QUANT_NAMES.get(qmode) != "step"):
+        raise PacketError("an inter slice is range-coded residuals of a step quantizer")
     if not 1 <= bits <= 8:
         raise PacketError(f"bits per code {bits} outside 1..8")
     if qmode not in QUANT_NAMES:
@@ -323,6 +374,11 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         if not (np.isfinite(side).all() and (hi >= lo).all()):
             raise PacketError("side information holds a non-finite or inverted range")
     payload = data[HEADER_BYTES + side_len: HEADER_BYTES + side_len + payload_len]
+    if frame_type == FRAME_INTER:
+        if residual_coder is None:
+            raise PacketError("inter slice, but no residual tables to decode it with (the model's weights have none)")
+        residual = residual_coder.decode(payload, (channels, row_count, width), level)  # bounded: max_codes
+        return Packet(header, None, lo, hi, residual)
     if coding == CODING_RANGE:
         if coder is None:
             raise PacketError("range-coded packet, but no entropy tables to decode it with "

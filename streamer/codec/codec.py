@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FrameSizeError, PacketError
-from . import bitstream, entropy, weights
+from . import bitstream, entropy, residual, weights
 from .model import CompressiveAutoencoder
 from .model import latent_shape as model_latent_shape
 from .presets import STRIDE, get_preset
@@ -49,6 +49,7 @@ class NeuralCodec:
         self.name = name
         self.quantizer = Quantizer(cfg.quantizer, cfg.model.latent_channels)
         self.entropy = self._entropy_coder(cfg.entropy_counts)
+        self.residual = self._residual_coder(cfg.residual_counts)
         self.encoder: TensorFn = self.model.encoder
         self.decoder: TensorFn = self.model.decoder
         self.backend = "eager"
@@ -80,6 +81,23 @@ class NeuralCodec:
             return None
         alphabets = [self.quantizer.alphabet(lv) for lv in range(self.levels)]
         return entropy.EntropyCoder(counts, [a[0] for a in alphabets], [a[1] for a in alphabets])
+
+    def _residual_coder(self, counts: np.ndarray | None) -> residual.ResidualCoder | None:
+        if counts is None:
+            return None
+        return residual.ResidualCoder(counts, [self.quantizer.alphabet(lv)[0] for lv in range(self.levels)])
+
+    @property
+    def codes_p_frames(self) -> bool:
+        """The model has residual tables: frames after the first can be P-frames."""
+        return self.residual is not None and self.entropy is not None
+
+    def set_residual_counts(self, counts: np.ndarray | None) -> None:
+        """Install P-frame residual tables (levels, C, contexts, 511), e.g. freshly fitted."""
+        if counts is not None:
+            counts = weights.check_residual_counts(np.asarray(counts), self.cfg)
+        self.cfg.residual_counts = counts
+        self.residual = self._residual_coder(counts)
 
     def set_entropy_counts(self, counts: np.ndarray | None) -> None:
         """Install entropy tables (levels, C, contexts, 256), e.g. freshly fitted by training."""
@@ -155,13 +173,22 @@ class NeuralCodec:
         return bitstream.pack_frame(q, self.model_id, frame_number, timestamp_us, max_packet_bytes,
                                     coder=self.entropy)
 
+    def pack_inter(self, q: Quantized, res: np.ndarray, frame_number: int, timestamp_us: int,
+                   max_packet_bytes: int | None = None) -> list[bytes]:
+        """A P-frame's codes as packets of residuals `res` against its prediction (session.py)."""
+        if self.residual is None:
+            raise ValueError("this model has no residual tables: it codes intra frames only")
+        return bitstream.pack_inter_frame(q, res, self.model_id, frame_number, timestamp_us, max_packet_bytes,
+                                          self.residual)
+
     def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError;
         `bitstream.ForeignPacketError` for a well-formed packet of another model, quantizer or shape).
         expect_shape: the whole frame's latent (C, H, W) the call makes (`latent_shape`): a
         receiver passes it so a packet claiming another shape is refused before any decoding."""
         return bitstream.unpack(data, expect_model_id=self.model_id, coder=self.entropy,
-                                expect_shape=expect_shape, check_header=self._check_header)
+                                residual_coder=self.residual, expect_shape=expect_shape,
+                                check_header=self._check_header)
 
     def _check_header(self, h: bitstream.PacketHeader) -> None:
         """This model's quantizer made the packet (checked before its payload is decoded)."""

@@ -156,6 +156,19 @@ class Quantizer(torch.nn.Module):
         hi_t = self.hi if hi is None else torch.as_tensor(np.asarray(hi, np.float32))
         return lo_t.view(-1, 1, 1) + codes * ((hi_t - lo_t) / self.levels).view(-1, 1, 1)
 
+    def requantize(self, codes: np.ndarray, from_level: int, to_level: int) -> np.ndarray:
+        """Step mode: (C, H, W) codes of one level as the nearest codes of another (the same
+        latents on the other grid). Inter-frame prediction across a level change: both ends
+        compute it in float64 from integers and the configured steps, so they agree exactly.
+        The same level returns the codes unchanged."""
+        if from_level == to_level or self.cfg.mode != "step":
+            return codes
+        f0, _, s0 = self.grid(from_level)
+        f1, n1, s1 = self.grid(to_level)
+        value = (codes.astype(np.int64) + f0[:, None, None]).astype(np.float64) * (s0 / s1)
+        out = np.rint(value).astype(np.int64) - f1[:, None, None]
+        return np.clip(out, 0, (n1 - 1)[:, None, None]).astype(np.uint8)
+
     def neutral_codes(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Codes for 'no information' (a frame with nothing received yet): latent 0 in step
         mode, the middle code otherwise."""

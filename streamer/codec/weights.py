@@ -52,6 +52,8 @@ PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_NAME = "default"
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar"}
 ENTROPY_KEY = "entropy.counts"
+# inter-frame (P-frame) residual tables, (levels, C, contexts, 511) counts: see residual.py
+RESIDUAL_KEY = "entropy.residual_counts"
 
 # Limits on untrusted weights (the shipped ones: 6 KB of JSON, 240k parameters, 7 levels).
 MAX_JSON_BYTES = 1 << 20  # the config; its free-form `training` provenance is a few KB
@@ -140,6 +142,8 @@ class CodecConfig:
     training: dict[str, Any] = field(default_factory=dict)
     # entropy tables (levels, C, contexts, 256) from the safetensors file; None: raw codes only
     entropy_counts: np.ndarray | None = field(default=None, repr=False)
+    # P-frame residual tables (levels, C, contexts, 511); None: every frame is intra-coded
+    residual_counts: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": self.preset,
@@ -306,6 +310,13 @@ def _table_shape(cfg: CodecConfig) -> tuple[int, int, int, int]:
     return (levels, cfg.model.latent_channels, CONTEXTS, MAX_SYMBOLS)
 
 
+def _residual_shape(cfg: CodecConfig) -> tuple[int, int, int, int]:
+    from .residual import CONTEXTS, RESIDUAL_SYMBOLS
+
+    levels = len(cfg.quantizer.steps) if cfg.quantizer.mode == "step" else 1
+    return (levels, cfg.model.latent_channels, CONTEXTS, RESIDUAL_SYMBOLS)
+
+
 def _sniff(data: bytes, st: Path) -> int:
     """The header length of a safetensors file, decided by its structure first: 8 bytes of
     little-endian length N, then N bytes of JSON starting with '{'. Only what fails that is named
@@ -329,7 +340,8 @@ def _sniff(data: bytes, st: Path) -> int:
 
 def check_header(header: Any, data_bytes: int, st: Path,
                  expected: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-                 table: tuple[int, ...] | None = None) -> None:
+                 table: tuple[int, ...] | None = None,
+                 residual_table: tuple[int, ...] | None = None) -> None:
     """A parsed safetensors header: entries of known dtypes whose byte ranges exactly tile the
     `data_bytes` that follow it. With `expected` (name -> (dtype, shape)) the names, dtypes and
     shapes must be exactly those, plus an optional `ENTROPY_KEY` of shape `table` (None: any
@@ -342,7 +354,7 @@ def check_header(header: Any, data_bytes: int, st: Path,
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if expected is not None:
         missing = sorted(set(expected) - set(entries))
-        extra = sorted(set(entries) - set(expected) - {ENTROPY_KEY})
+        extra = sorted(set(entries) - set(expected) - {ENTROPY_KEY, RESIDUAL_KEY})
         if missing or extra:
             problems = ([f"lacks tensors {missing[:6]}"] if missing else []) + (
                 [f"unexpected tensors {[_short(k) for k in extra[:6]]}"] if extra else [])
@@ -360,12 +372,13 @@ def check_header(header: Any, data_bytes: int, st: Path,
                 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
             raise WeightsError(f"{st}: tensor {_short(name)} has bad data_offsets {_short(offsets)} "
                                f"({data_bytes:,} data bytes)")
-        if name == ENTROPY_KEY:
+        if name in (ENTROPY_KEY, RESIDUAL_KEY):
+            want = table if name == ENTROPY_KEY else residual_table
             if dtype not in TABLE_DTYPES:
                 raise WeightsError(f"{st}: entropy tables of dtype {_short(dtype)}; "
                                    f"expected {' or '.join(TABLE_DTYPES)}")
-            if table is not None and tuple(shape) != table:
-                raise WeightsError(f"{st}: entropy tables of shape {tuple(shape)}; expected {table} counts")
+            if want is not None and tuple(shape) != want:
+                raise WeightsError(f"{st}: entropy tables {name} of shape {tuple(shape)}; expected {want} counts")
             if len(shape) != 4 or math.prod(shape) * ITEMSIZE[dtype] > MAX_UNCHECKED_TABLE_BYTES:
                 raise WeightsError(f"{st}: entropy tables of shape {tuple(shape)} ({dtype})")
         elif expected is not None:
@@ -399,7 +412,8 @@ def load_file_safely(st: Path, cfg: CodecConfig | None = None,
     cap = 8 + MAX_HEADER_BYTES  # read no more than the config's model (and tables) need
     if cfg is not None:
         cap += sum(math.prod(shape) * ITEMSIZE[dt] for dt, shape in expected_tensors(cfg.model).values())
-        cap += math.prod(_table_shape(cfg)) * 8 if entropy_tables else MAX_UNCHECKED_TABLE_BYTES
+        cap += (math.prod(_table_shape(cfg)) + math.prod(_residual_shape(cfg))) * 8 if entropy_tables \
+            else 2 * MAX_UNCHECKED_TABLE_BYTES
     else:
         cap += MAX_PARAMETERS * 8 + MAX_UNCHECKED_TABLE_BYTES
     return tensors_from_bytes(read_capped(st, cap), st, cfg, entropy_tables)
@@ -410,12 +424,16 @@ def tensors_from_bytes(data: bytes, st: Path | str, cfg: CodecConfig | None = No
     """`load_file_safely` on the bytes of a file (`st` names it in messages)."""
     expected = expected_tensors(cfg.model) if cfg is not None else None
     table = _table_shape(cfg) if cfg is not None and entropy_tables else None
+    residual_table = _residual_shape(cfg) if cfg is not None and entropy_tables else None
     n = _sniff(data, st)
     header = parse_json(data[8:8 + n], f"{st} (safetensors header)", depth=3)
     if (cfg is not None and entropy_tables and isinstance(header, dict) and ENTROPY_KEY in header
             and cfg.quantizer.mode not in ("step", "fixed")):
         raise WeightsError(f"{st}: entropy tables with a {cfg.quantizer.mode} quantizer: codes have no fixed meaning")
-    check_header(header, len(data) - 8 - n, st, expected, table)
+    if (cfg is not None and entropy_tables and isinstance(header, dict) and RESIDUAL_KEY in header
+            and (cfg.quantizer.mode != "step" or ENTROPY_KEY not in header)):
+        raise WeightsError(f"{st}: residual tables need a step quantizer and intra tables")
+    check_header(header, len(data) - 8 - n, st, expected, table, residual_table)
     try:
         state = load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -442,6 +460,9 @@ def load(name_or_path: str | Path = DEFAULT_NAME,
     counts = state.pop(ENTROPY_KEY, None)
     if counts is not None and entropy_tables:
         cfg.entropy_counts = check_counts(counts.numpy(), cfg)
+    residual = state.pop(RESIDUAL_KEY, None)
+    if residual is not None and entropy_tables:
+        cfg.residual_counts = check_residual_counts(residual.numpy(), cfg)
     model = CompressiveAutoencoder(cfg.model)
     try:
         model.load_state_dict(state, strict=True)
@@ -464,6 +485,16 @@ def check_counts(counts: np.ndarray, cfg: CodecConfig) -> np.ndarray:
     return counts.astype(np.int64)
 
 
+def check_residual_counts(counts: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """P-frame residual tables: one (C, contexts, 511) block per level of a step quantizer."""
+    want = _residual_shape(cfg)
+    if cfg.quantizer.mode != "step":
+        raise WeightsError(f"residual tables with a {cfg.quantizer.mode} quantizer: only step mode codes P-frames")
+    if counts.shape != want or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise WeightsError(f"residual tables of shape {counts.shape} ({counts.dtype}); expected {want} counts")
+    return counts.astype(np.int64)
+
+
 def save(path: str | Path, cfg: CodecConfig, model: CompressiveAutoencoder) -> tuple[Path, Path]:
     """Write `<path>.safetensors` and `<path>.json`; returns both paths."""
     base = Path(path)
@@ -475,6 +506,11 @@ def save(path: str | Path, cfg: CodecConfig, model: CompressiveAutoencoder) -> t
         if counts.max() >= 2 ** 31:
             raise WeightsError("entropy counts overflow int32; fit them on fewer frames")
         state[ENTROPY_KEY] = torch.from_numpy(counts.astype(np.int32))  # half the bytes of int64
+    if cfg.residual_counts is not None:
+        counts = check_residual_counts(np.asarray(cfg.residual_counts), cfg)
+        if counts.max() >= 2 ** 31:
+            raise WeightsError("residual counts overflow int32; fit them on fewer frames")
+        state[RESIDUAL_KEY] = torch.from_numpy(counts.astype(np.int32))
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
     d = cfg.to_dict()
     d["model_id"] = f"{model_id(cfg, state):08x}"

@@ -1,0 +1,142 @@
+"""A call's coding state at the sender: which frame is the reference, I- or P-frame, and when.
+
+The model is stateless (`NeuralCodec` turns one frame into codes); what makes a P-frame possible
+is a *reference* held in lock-step at both ends: the codes of the last frame the sender really
+sent, which the receiver rebuilt from the same packets (streamer/assembler.py). This module
+owns the sender's half (`EncoderSession`) and an offline receiver (`DecoderSession`: the
+assembler's reference and the decoder, for evaluations that run both ends in one process):
+
+    session = EncoderSession(codec, max_packet_bytes=1160)
+    candidate = session.encode(image, frame_number, timestamp_us)  # I or P, not yet the reference
+    if channel.send_frame(candidate.packets):
+        session.commit(candidate)        # only a frame that left becomes the reference
+
+A frame the channel dropped was never seen by the receiver, so it must not become the
+reference: `encode` returns a candidate and `commit` makes it the reference. The I/P decision
+lives here, outside the network (as in DCVC-RT): an I-frame when there is no reference, when
+the receiver asked for one (`request_keyframe`, what RTCP PLI is to RTP: its reference broke
+after a loss), or every `keyframe_interval` frames; a P-frame otherwise. An I-frame replaces
+the reference at both ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .assembler import AssembledFrame, FrameAssembler
+from .codec import NeuralCodec
+from .codec.quantizer import Quantized
+from .codec.residual import residuals
+
+DEFAULT_KEYFRAME_INTERVAL = 300  # frames (10 s at 30 fps): bounds how long any mismatch can last
+
+
+class FrameType(enum.IntEnum):
+    INTRA = 0  # codes alone: decodes without a reference, and becomes the new one
+    INTER = 1  # residuals against the reference (slices may fall back to intra codes)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The codes of the last frame both ends have, and the level they were quantized at."""
+
+    frame_number: int
+    codes: np.ndarray  # (C, H, W) uint8
+    level: int
+
+
+@dataclass
+class Candidate:
+    """One encoded frame, ready to send; becomes the reference only through `commit`."""
+
+    frame_number: int
+    timestamp_us: int
+    frame_type: FrameType
+    q: Quantized
+    packets: list[bytes]
+    encode_ms: float
+
+
+class EncoderSession:
+    def __init__(self, codec: NeuralCodec, *, max_packet_bytes: int | None = None, level: int | None = None,
+                 keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None) -> None:
+        """inter: code P-frames (default: when the model has residual tables)."""
+        self.codec = codec
+        self.max_packet_bytes = max_packet_bytes
+        self.level = codec.quantizer.check_level(level)
+        self.keyframe_interval = keyframe_interval
+        self.inter = codec.codes_p_frames if inter is None else (inter and codec.codes_p_frames)
+        self.reference: Reference | None = None
+        self._keyframe_requested = False
+        self._since_keyframe = 0
+        self.frames = {FrameType.INTRA: 0, FrameType.INTER: 0}  # committed frames of each type
+        self.keyframe_requests = 0
+
+    def request_keyframe(self) -> None:
+        """The next frame is an I-frame (the receiver's reference broke)."""
+        self._keyframe_requested = True
+        self.keyframe_requests += 1
+
+    def next_frame_type(self) -> FrameType:
+        if (not self.inter or self.reference is None or self._keyframe_requested
+                or (self.keyframe_interval and self._since_keyframe >= self.keyframe_interval)):
+            return FrameType.INTRA
+        return FrameType.INTER
+
+    def encode(self, image: np.ndarray, frame_number: int, timestamp_us: int,
+               level: int | None = None) -> Candidate:
+        """Encode one frame as the next frame after the reference (which stays as it is)."""
+        t0 = time.perf_counter()
+        level = self.level if level is None else self.codec.quantizer.check_level(level)
+        frame_type = self.next_frame_type()
+        q = self.codec.encode(image, level)
+        if frame_type == FrameType.INTER:
+            assert self.reference is not None
+            prediction = self.codec.quantizer.requantize(self.reference.codes, self.reference.level, level)
+            packets = self.codec.pack_inter(q, residuals(q.codes, prediction), frame_number, timestamp_us,
+                                            self.max_packet_bytes)
+        else:
+            packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
+        return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000)
+
+    def commit(self, candidate: Candidate) -> None:
+        """The candidate was sent: it is the reference now (both ends rebuild the same codes)."""
+        self.reference = Reference(candidate.frame_number, candidate.q.codes, candidate.q.level)
+        self.frames[candidate.frame_type] += 1
+        if candidate.frame_type == FrameType.INTRA:
+            self._keyframe_requested = False
+            self._since_keyframe = 0
+        self._since_keyframe += 1
+
+    def reset(self) -> None:
+        """A new call: no reference, so the next frame is an I-frame."""
+        self.reference = None
+        self._keyframe_requested = False
+        self._since_keyframe = 0
+
+
+class DecoderSession:
+    """The receiving end without a network: packets of each frame in order -> its picture.
+    The reference lives in the assembler (as in the call); every frame is decoded."""
+
+    def __init__(self, codec: NeuralCodec, frame_size: int | None = None) -> None:
+        self.codec = codec
+        self.assembler = FrameAssembler(codec, latent_shape=codec.latent_shape(frame_size))
+        self.last: AssembledFrame | None = None
+
+    def decode(self, packets: list[bytes]) -> np.ndarray:
+        """One frame's packets (some may be missing: the frame is concealed) -> (H, W, 3) uint8."""
+        frames = [f for p in packets for f in self.assembler.add(p)] + self.assembler.flush()
+        if frames:
+            self.last = frames[-1]
+        if self.last is None:
+            raise ValueError("no frame decoded yet: its packets were all lost or refused")
+        return self.codec.decode_latents(self.last.latents(self.codec))
+
+    @property
+    def needs_keyframe(self) -> bool:
+        return self.assembler.needs_keyframe
