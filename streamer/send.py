@@ -30,12 +30,14 @@ from .assembler import codes_crc
 from .codec import NeuralCodec
 from .metrics import psnr
 from .receive import jpeg
+from .ratecontrol import RateController
 from .session import DEFAULT_KEYFRAME_INTERVAL, Candidate, EncoderSession, FrameType
 from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
 
 STARTED = time.monotonic()
+DEFAULT_KBPS = 300.0  # a video call's rate (x264 and VP8 reach ~38 dB there on val)
 
 
 class Sender:
@@ -43,7 +45,7 @@ class Sender:
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
                  quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
-                 inter: bool = True) -> None:
+                 inter: bool = True, kbps: float | None = None) -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         # step-mode models: the quantizer level (step size) frames are sent at; a rate
         # controller would change it per frame (the level travels in every packet)
@@ -51,6 +53,10 @@ class Sender:
         # the call's reference frame and the I/P decision (one per call: reset on a new one)
         self.session = EncoderSession(codec, max_packet_bytes=cfg.max_packet_bytes, level=self.level,
                                       keyframe_interval=keyframe_interval, inter=inter)
+        # --kbps: the level of each frame from the bits the frames really made (None: --level)
+        self.rate = (RateController(kbps, source.fps, codec.levels, start_level=codec.levels - 2)
+                     if kbps and codec.levels > 1 else None)
+        self._peer_totals: dict[str, float] = {}
         self.ice, self.stun = ice_addresses, list(stun)
         self.measure, self.share_original, self.quiet = measure, share_original, quiet
         self.loss, self.loss_seconds = loss, loss_seconds
@@ -127,8 +133,29 @@ class Sender:
             self.stats.count("keyframe_requests")
 
     # -- frames ----------------------------------------------------------------------------
-    def _encode(self, cap: CapturedFrame, number: int) -> Candidate:
-        return self.session.encode(cap.image, number, cap.timestamp_us)
+    def _encode(self, cap: CapturedFrame, number: int, level: int | None) -> Candidate:
+        return self.session.encode(cap.image, number, cap.timestamp_us, level)
+
+    def _next_level(self) -> int | None:
+        if self.rate is None:
+            return None
+        return self.rate.level_for_next_frame(int(self.session.next_frame_type()))
+
+    def _feedback(self, rx: dict[str, Any]) -> None:
+        """The receiver's stats (once a second) -> the rate controller: frames lost since the
+        last report and the capture-to-display delay (an aiortc data channel has no
+        delay-based congestion control of its own), and what waits in our send buffer."""
+        if self.rate is None:
+            return
+        lost, frames = float(rx.get("lost", 0) or 0), float(rx.get("frames", 0) or 0)
+        d_lost = max(0.0, lost - self._peer_totals.get("lost", lost))
+        d_frames = max(0.0, frames - self._peer_totals.get("frames", frames))
+        self._peer_totals = {"lost": lost, "frames": frames}
+        lat = rx.get("latency_ms")
+        delay = float(lat["p50"]) if isinstance(lat, dict) and isinstance(lat.get("p50"), (int, float)) else None
+        ch = self.channel
+        self.rate.channel_feedback(d_lost / (d_lost + d_frames) if d_lost + d_frames > 0 else 0.0, delay,
+                                   ch.channel.bufferedAmount if ch is not None else None)
 
     async def capture_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,14 +167,21 @@ class Sender:
             if not ch.ready:  # the previous frame has not left yet: drop this one, never queue
                 self.stats.count("dropped")
                 continue
+            if self.rate is not None and self.rate.should_skip_frame():
+                self.rate.frame_dropped(cap.timestamp_us / 1e6)  # the buffer drains meanwhile
+                self.stats.count("rate_skipped")  # even the coarsest level is over the budget
+                continue
             number = self.frame_number
-            cand = await loop.run_in_executor(self._pool, self._encode, cap, number)
+            cand = await loop.run_in_executor(self._pool, self._encode, cap, number, self._next_level())
             self._encode_ms.append(cand.encode_ms)
             if ch is not self.channel or not ch.send_frame(cand.packets):
                 self.stats.count("dropped")  # never sent: the reference stays the previous frame
                 continue
             self.session.commit(cand)
             q = cand.q
+            if self.rate is not None:
+                self.rate.frame_sent(sum(len(p) for p in cand.packets), q.level, int(cand.frame_type),
+                                     t=cap.timestamp_us / 1e6)
             self.frame_number += 1
             self.stats.count("frames")
             self.stats.count("i_frames" if cand.frame_type == FrameType.INTRA else "p_frames")
@@ -197,6 +231,9 @@ class Sender:
         self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
         if self.injector is not None:
             self.stats.values["loss_dropped"] = self.injector.dropped
+        if self.rate is not None:
+            self.stats.values["target_kbps"] = round(self.rate.effective_target_kbps, 1)
+            self.stats.values["level"] = round(self.rate.level, 2)
         self._encode_ms, self._psnr = [], []
         return self.stats.tick()
 
@@ -237,6 +274,8 @@ class Sender:
                         print(f"send: bad answer from the receiver: {e}", file=sys.stderr)
             elif t == "stats" and msg.get("from_role") == "receiver":
                 self.peer_stats = msg.get("stats") or {}
+                if isinstance(self.peer_stats, dict):
+                    self._feedback(self.peer_stats)
             elif t == "camera" and not self.quiet:
                 on = msg.get("on")
                 note = "" if isinstance(self.source, BrowserSource) else " (ignored: not --source browser)"
@@ -270,6 +309,7 @@ class Sender:
         return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),
                 "i_frames": self.session.frames[FrameType.INTRA], "p_frames": self.session.frames[FrameType.INTER],
                 "keyframe_requests": self.session.keyframe_requests,
+                "target_kbps": self.rate.target_kbps if self.rate is not None else None,
                 "captured": self.source.captured, "capture_dropped": self.source.dropped,
                 "loss_dropped": self.injector.dropped if self.injector else 0, "loss_end_us": self.loss_end_us,
                 "model": f"{self.codec.name} {self.codec.model_id:08x}", "transport": self.cfg.mode,
@@ -285,8 +325,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | browser | PATH")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
     ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own)")
+    ap.add_argument("--kbps", type=float, default=None,
+                    help=f"bitrate to hold (default {DEFAULT_KBPS:g}; 0: every frame at --level): the quantizer "
+                    "level of each frame follows the bits the frames really made and the receiver's reports")
     ap.add_argument("--level", type=int, default=None,
-                    help="quantizer level of step-mode models: 0 = finest step (most bits); default: the model's")
+                    help="a fixed quantizer level (0 = finest step, most bits) instead of --kbps; default: the model's")
     ap.add_argument("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL, metavar="FRAMES",
                     help=f"an I-frame at least every this many frames (default {DEFAULT_KEYFRAME_INTERVAL}; "
                     "0: only when the receiver asks)")
@@ -313,6 +356,9 @@ def check_args(args: argparse.Namespace) -> None:
     cli.require(0 <= args.simulate_loss < 1, f"--simulate-loss must be in [0, 1), got {args.simulate_loss:g}")
     cli.require(args.loss_seconds >= 0, f"--loss-seconds must be 0 or more, got {args.loss_seconds:g}")
     cli.require(args.lifetime_ms >= 1, f"--lifetime-ms must be at least 1, got {args.lifetime_ms}")
+    if args.kbps is None:
+        args.kbps = 0.0 if args.level is not None else DEFAULT_KBPS
+    cli.require(0 <= args.kbps <= 100_000, f"--kbps must be in 0..100000, got {args.kbps:g}")
     cli.require(args.keyframe_interval >= 0, f"--keyframe-interval must be 0 or more, got {args.keyframe_interval}")
 
 
@@ -345,7 +391,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
                 quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
-                inter=not args.intra_only)
+                inter=not args.intra_only, kbps=args.kbps or None)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

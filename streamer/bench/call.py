@@ -105,6 +105,8 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
         "bad_packets": receiver.get("bad_packets"), "late_slices": receiver.get("late"),
         "verified_bit_exact": receiver.get("verified"), "mismatched": receiver.get("mismatched"),
         "longest_freeze_ms": round(max(gaps, default=0), 1),
+        "i_frames": sender.get("i_frames"), "p_frames": sender.get("p_frames"),
+        "keyframe_requests": sender.get("keyframe_requests"), "target_kbps": sender.get("target_kbps"),
     }
     hist = [h for h in sender.get("history", []) if h.get("fps", 0) > 0]
     if hist:
@@ -159,6 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--seconds", str(args.seconds + startup), "--summary", str(tmp / "sender.json")]
         if args.size:
             send += ["--size", str(args.size)]
+        if args.kbps is not None:
+            send += ["--kbps", str(args.kbps)]
+        if args.level is not None:
+            send += ["--level", str(args.level)]
         if args.loss > 0:
             send += ["--simulate-loss", str(args.loss), "--loss-seconds", str(loss_s)]
         if args.measure:
@@ -399,6 +405,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--source", default="sample")
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=0)
+    ap.add_argument("--kbps", type=float, default=None, help="the sender's bitrate target (default: its own, 300)")
+    ap.add_argument("--level", type=int, default=None, help="a fixed quantizer level instead of --kbps")
     ap.add_argument("--weights", default="default")
     ap.add_argument("--backend", choices=CHOICES, default="eager",
                     help="sender and receiver backend (int8 adds ~20 s of start-up compilation)")
