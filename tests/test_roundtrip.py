@@ -53,5 +53,8 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
 
 
 def test_unknown_quantizer_level_is_a_clear_error(tmp_path, capsys):
-    assert roundtrip.main(["--level", "9", "--frames", "1", "--out", str(tmp_path)]) == 2
-    assert "quantizer level 9 outside 0..6" in capsys.readouterr().err
+    from streamer.codec import NeuralCodec
+
+    top = NeuralCodec.load().levels - 1
+    assert roundtrip.main(["--level", str(top + 1), "--frames", "1", "--out", str(tmp_path)]) == 2
+    assert f"quantizer level {top + 1} outside 0..{top}" in capsys.readouterr().err

@@ -12,7 +12,9 @@ cache as training), and every quantizer level gets its tables from their codes.
 fits the P-frame residual tables (`streamer/codec/residual.py`) and keeps the intra tables:
 consecutive frames of `--clips` training videos at the call's framing (the FOMM Gaussian to the
 model's size, `--clip-frames` frames from each clip's start), each frame's codes against the
-previous frame's, at every level.
+previous frame's, at every level. `--steps 0.05,0.07,...` gives the quantizer a new ladder
+of steps (e.g. coarser levels for lower bitrates); with `--residual-only`, levels whose step is
+unchanged keep their intra tables and new ones get theirs fitted.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ def training_clips(root: str, size: int, clips: int, frames: int) -> list[np.nda
     return out
 
 
+def parse_steps(text: str) -> list[float]:
+    try:
+        steps = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StreamerError(f"--steps {text!r}: expected numbers separated by commas, e.g. 0.05,0.07,0.1") from None
+    if not steps or steps[0] <= 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise StreamerError(f"--steps {text!r}: positive steps, finest first, each coarser than the last")
+    return steps
+
+
 def training_frames(root: str, size: int, count: int, every_s: float = 0.25,
                     cache_dir: str = "cache/frames") -> np.ndarray:
     cache = D.FrameCache(D.folder_sources(root), size=size, every_s=every_s, cache_dir=cache_dir).build()
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", default="/work/shared/data/train", help="folder of training videos/images")
     ap.add_argument("--out", required=True, help="where to write the weights with their new tables")
     ap.add_argument("--frames", type=int, default=1024, help="training frames to count codes on (default 1024)")
+    ap.add_argument("--steps", default=None, metavar="S0,S1,...",
+                    help="a new ladder of quantizer steps, finest first (step mode)")
     ap.add_argument("--residual-only", action="store_true",
                     help="fit only the P-frame residual tables (keep the intra tables)")
     ap.add_argument("--clips", type=int, default=64, help="training videos for the residual tables (default 64)")
@@ -104,8 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg, model, _ = weights.load(args.weights, entropy_tables=args.residual_only)
         if cfg.quantizer.mode not in ("step", "fixed"):
             raise StreamerError(f"a {cfg.quantizer.mode} quantizer has no fixed codes to fit tables on")
+        old_steps, old_counts = list(cfg.quantizer.steps), cfg.entropy_counts
+        if args.steps:
+            cfg.quantizer.steps = parse_steps(args.steps)
+            cfg.quantizer.level = min(cfg.quantizer.level, len(cfg.quantizer.steps) - 1)
+            cfg.entropy_counts = cfg.residual_counts = None
         codec = NeuralCodec(cfg, model, 0)
-        if not args.residual_only:
+        if args.residual_only and args.steps:  # keep the tables of unchanged steps, fit the new ones
+            frames = training_frames(args.train, codec.frame_size, args.frames)
+            counts = fit_tables(codec, frames)
+            for lv, step in enumerate(cfg.quantizer.steps):
+                if old_counts is not None and step in old_steps:
+                    counts[lv] = old_counts[old_steps.index(step)]
+            codec.set_entropy_counts(counts)
+        elif not args.residual_only:
             frames = training_frames(args.train, codec.frame_size, args.frames)
             codec.set_entropy_counts(fit_tables(codec, frames))
             cfg.training = {**cfg.training, "entropy_tables": f"python -m training.tables on {len(frames)} "
