@@ -1,7 +1,6 @@
 """Packet format: bit packing, round trips, slices, a stored golden packet, and a strict parser."""
 
 import hashlib
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -16,19 +15,9 @@ from streamer.codec.bitstream import PacketHeader, pack, pack_bits, pack_frame, 
 from streamer.codec.quantizer import Quantized
 from streamer.errors import PacketError
 
+from golden import check_golden
+
 GOLDEN = Path(__file__).parent / "data" / "golden_packet.sha256"
-
-
-def check_golden(path: Path, digest: str) -> None:
-    """A golden file holds the expected SHA-256 of a packet and is committed with the code. A
-    missing one fails the test; `UPDATE_GOLDEN=1 pytest tests/test_bitstream.py
-    tests/test_entropy.py` (re)writes them, only for a deliberate format change."""
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(digest + "\n")
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing: restore it from git, or (only for a deliberate "
-                    f"format change) write it with UPDATE_GOLDEN=1")
-    assert digest == path.read_text().strip(), f"packet bytes differ from {path.name}"
 
 
 def quantized(channels=24, height=28, width=28, bits=6, mode="fixed", seed=0) -> Quantized:

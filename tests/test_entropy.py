@@ -4,7 +4,6 @@ ideal code length, a stored golden packet, and typed errors for anything malform
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -21,20 +20,10 @@ from streamer.codec.entropy import EntropyCoder
 from streamer.codec.quantizer import Quantized, Quantizer, QuantizerConfig
 from streamer.errors import ConfigError, PacketError, WeightsError
 
+from golden import check_golden
+
 GOLDEN = Path(__file__).parent / "data" / "golden_range_packet.sha256"
 STEPS = [0.05, 0.1, 0.2]
-
-
-def check_golden(path: Path, digest: str) -> None:
-    """A golden file holds the expected SHA-256 of a packet and is committed with the code. A
-    missing one fails the test; `UPDATE_GOLDEN=1 pytest tests/test_bitstream.py
-    tests/test_entropy.py` (re)writes them, only for a deliberate format change."""
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(digest + "\n")
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing: restore it from git, or (only for a deliberate "
-                    f"format change) write it with UPDATE_GOLDEN=1")
-    assert digest == path.read_text().strip(), f"packet bytes differ from {path.name}"
 
 
 def step_quantizer(channels: int = 4, seed: int = 0) -> tuple[Quantizer, torch.Tensor]:

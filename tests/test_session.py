@@ -25,7 +25,7 @@ from streamer.session import EncoderSession, FrameType
 from streamer.sources import prepare
 from streamer.video import SAMPLE_CLIP, read_frames
 
-from test_entropy import check_golden
+from golden import check_golden
 
 GOLDEN = Path(__file__).parent / "data" / "golden_inter_packet.sha256"
 SLICE = 1160
@@ -177,7 +177,7 @@ def inter_packet(codec, frames, level=3) -> bytes:
 def test_golden_inter_packet_is_stable(codec, frames):
     """The bytes of a P slice (the shipped model's residual tables, real frames of the bundled
     clip) are a contract between sender and receiver builds: a missing golden file fails; only
-    UPDATE_GOLDEN=1 (re)writes it (see test_entropy.check_golden)."""
+    UPDATE_GOLDEN=1 (re)writes it (see tests/golden.py)."""
     packet = inter_packet(codec, frames)
     assert packet[6] == bitstream.FRAME_INTER
     check_golden(GOLDEN, hashlib.sha256(packet).hexdigest())

@@ -53,6 +53,15 @@ _BOUND_SLACK = 0.98
 _BUCKET = np.minimum(ACTIVITY_BUCKETS - 1, np.log2(1 + np.arange(3 * 255 + 1, dtype=np.int32)).astype(np.int32))
 
 
+def codes_bound(min_bits: np.ndarray, payload_bytes: int) -> int:
+    """The most symbols a range-coded payload of `payload_bytes` can hold when channel c's
+    cheapest symbol costs `min_bits[c]` bits, counted in whole columns (a code of every channel
+    at each position, as they are coded), capped at `MAX_DECODE_CODES`."""
+    per_column = float(min_bits.sum()) * _BOUND_SLACK
+    columns = (8 * payload_bytes + _BOUND_SLACK_BITS) / per_column if per_column > 0 else float("inf")
+    return int(min(MAX_DECODE_CODES, columns * len(min_bits)))
+
+
 def _constriction():
     try:
         import constriction
@@ -130,13 +139,10 @@ class EntropyCoder:
             self.min_bits.append((-np.log2(p.max(axis=2))).min(axis=1))
 
     def max_codes(self, payload_bytes: int, level: int, channels: int) -> int:
-        """The most codes a range-coded payload of `payload_bytes` can hold at `level`, counted
-        in whole (channels x 1 x 1) columns (codes run over all channels of each position),
-        capped at `MAX_DECODE_CODES`: a payload that claims more is not this model's."""
+        """The most codes a range-coded payload of `payload_bytes` can hold at `level` (see
+        `codes_bound`): a payload that claims more is not this model's."""
         self._check(level, channels)
-        per_column = float(self.min_bits[level].sum()) * _BOUND_SLACK
-        columns = (8 * payload_bytes + _BOUND_SLACK_BITS) / per_column if per_column > 0 else float("inf")
-        return int(min(MAX_DECODE_CODES, columns * channels))
+        return codes_bound(self.min_bits[level], payload_bytes)
 
     def _check(self, level: int, channels: int) -> None:
         if not 0 <= level < self.levels:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import PacketError, WeightsError
-from .entropy import _BOUND_SLACK, _BOUND_SLACK_BITS, DECODE_CHUNK_FLOATS, MAX_DECODE_CODES, _constriction
+from .entropy import DECODE_CHUNK_FLOATS, _constriction, codes_bound
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -135,9 +135,7 @@ class ResidualCoder:
     def max_codes(self, payload_bytes: int, level: int, channels: int) -> int:
         """The most residuals a payload of `payload_bytes` can hold (see entropy.EntropyCoder)."""
         self._check(level, channels)
-        per_column = float(self.min_bits[level].sum()) * _BOUND_SLACK
-        columns = (8 * payload_bytes + _BOUND_SLACK_BITS) / per_column if per_column > 0 else float("inf")
-        return int(min(MAX_DECODE_CODES, columns * channels))
+        return codes_bound(self.min_bits[level], payload_bytes)
 
     def encode(self, res: np.ndarray, level: int) -> bytes:
         """(C, rows, W) residuals -> payload bytes (a multiple of 4)."""
