@@ -217,6 +217,7 @@ class Receiver:
             return
         if "ok" not in meta:
             meta["ok"] = meta["crc"] == crc
+            self.frame_log.write({"f": n, "crc_ok": meta["ok"]})  # the verdict, once per shown complete frame
             if meta["ok"]:
                 self.verified += 1
             else:
@@ -225,6 +226,7 @@ class Receiver:
         if meta["ok"] and "psnr" in meta and not meta.get("psnr_used"):
             meta["psnr_used"] = True  # the sender's local decode is ours, bit for bit
             self._psnr.append(float(meta["psnr"]))
+            self.frame_log.write({"f": n, "psnr": float(meta["psnr"])})  # the PSNR of what we showed
 
     # -- decode and show -------------------------------------------------------------------
     async def decode_loop(self) -> None:
@@ -364,7 +366,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fps", type=float, default=30.0, help="most pictures per second published to viewers")
     ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
                     help="show a frame with missing slices (concealed) this long after its first slice")
-    ap.add_argument("--frame-log", metavar="PATH", help="one JSON line per shown frame (for the bench)")
+    ap.add_argument("--frame-log", metavar="PATH",
+                    help="JSON lines for the bench: one per shown frame (it has 'shown'), and per shown "
+                    "complete frame its CRC verdict ('crc_ok') and, if bit-exact and measured, the sender's "
+                    "PSNR ('psnr'), each when known")
     return ap.parse_args(argv)
 
 

@@ -11,10 +11,38 @@ receiver's per-frame log and the programs' summaries:
 * kbps on the data channel, CPU % of each process, the machine's load average;
 * with --loss P: outgoing SCTP packets of the sender are dropped with probability P (at the
   DTLS transport, below SCTP: see streamer/transport.py) during the first --loss-seconds
-  (default: half the run), then the loss stops; the longest freeze (gap between shown frames)
-  after that moment is reported.
+  (default: half the run) after the call opens, then the loss stops; the longest freeze (gap
+  between shown frames) after that moment is reported, and how soon the picture recovers.
 
-    python -m streamer.bench call --seconds 20 [--loss 0.05] [--transport slices|lifetime] [--json]
+Recovery after loss (--loss P > 0). The same call is first run without loss (the *baseline*:
+same source, kbps, seconds, one after the other in this invocation so both share the machine's
+state; --no-baseline skips it), and both senders run with --measure. What a shown frame is worth:
+
+* *exact*: complete, and its codes' CRC matched the sender's (the receiver's reference and
+  latents are the sender's, bit for bit), so the picture is exactly the sender's own decode;
+  its PSNR is the one the sender measured for that frame, when it measured it (the sender
+  measures latest-only: a frame can be exact and *unmeasured*);
+* *not exact*: concealed, CRC mismatch, or no CRC verdict (the meta message was lost): its PSNR
+  is not known, so it never counts as recovered.
+
+The windows: loss_end = the sender's moment the loss stopped; the run's end = the call's open
+(loss_end - --loss-seconds) + --seconds, and at most RECOVERY_TAIL_S before the last shown frame
+(whose PSNR messages may still be in flight). The baseline's window is the same offsets from its
+call's open (its first shown frame's capture time). psnr_after_loss / psnr_baseline = mean
+measured PSNR of exact frames shown in [loss_end, end] of each run.
+
+A 1-second window starting at a shown frame *passes* when every frame shown in it is exact, at
+least RECOVERY_MIN_MEASURED of them (and one) have a measured PSNR, and their mean PSNR is at least
+psnr_baseline - 0.5 dB (better than the baseline passes). recovery_ms = shown time of the first
+frame F after loss_end, itself exact and measured and shown at least 1 s before the end, such
+that the window starting at every frame shown from F until end - 1 s passes and every frame
+shown from F to the end is exact, minus loss_end; null (recovered: false) when there is none.
+The same test on the baseline against its own mean (baseline_self_recovery_ms, ~0) shows the
+definition's noise floor; recovery.windows_failed_by says why windows failed (a sender too
+loaded to measure most frames fails windows as too_few_measured, never passes them). Issue 13
+asks for recovery_ms <= 1000 and freeze_after_loss_ms <= 200 (the "issue13" flags).
+
+    python -m streamer.bench call --seconds 20 [--loss 0.05] [--no-baseline] [--transport slices|lifetime] [--json]
 """
 
 from __future__ import annotations
@@ -39,6 +67,10 @@ from streamer.stats import percentile
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 6.0  # model load + join + ICE/DTLS before the first frame, generously
 COMPILE_S = 40.0  # more for backends that compile at start (int8 ~22 s on 2 cores, compile ~10 s)
+RECOVERY_WINDOW_S = 1.0  # the rolling mean's window
+RECOVERY_TOLERANCE_DB = 0.5  # "back within 0.5 dB of a loss-free run"
+RECOVERY_MIN_MEASURED = 0.5  # a window needs a known PSNR for at least this share of its frames
+RECOVERY_TAIL_S = 0.5  # the last shown frames' PSNR messages may not have arrived: not judged
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -134,7 +166,122 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+Shown = tuple[int, bool, "float | None"]  # (shown µs, exact, measured PSNR)
+
+
+def frame_states(frames: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[Shown]:
+    """Each shown frame, in display order: (shown time, exact, PSNR). Exact = complete and its CRC
+    verdict (its own line of the frame log) says bit-exact; the PSNR only for an exact frame."""
+    verdict: dict[int, bool] = {}
+    measured: dict[int, float] = {}
+    for e in events:
+        if "crc_ok" in e:
+            verdict[int(e["f"])] = bool(e["crc_ok"])
+        if "psnr" in e:
+            measured[int(e["f"])] = float(e["psnr"])
+    out: list[Shown] = []
+    for f in sorted(frames, key=lambda f: f["shown"]):
+        exact = bool(f.get("complete")) and verdict.get(int(f["f"])) is True
+        out.append((int(f["shown"]), exact, measured.get(int(f["f"])) if exact else None))
+    return out
+
+
+def window_psnr(states: list[Shown], start_us: int, end_us: int) -> dict[str, Any]:
+    """Mean measured PSNR of the exact frames shown in [start, end], and how many frames it saw."""
+    win = [s for s in states if start_us <= s[0] <= end_us]
+    vals = [s[2] for s in win if s[2] is not None]
+    return {"psnr": round(sum(vals) / len(vals), 3) if vals else None, "frames": len(win),
+            "exact": sum(1 for s in win if s[1]), "measured": len(vals)}
+
+
+def recovery(states: list[Shown], loss_end_us: int, end_us: int, baseline_db: float,
+             window_s: float = RECOVERY_WINDOW_S, tolerance_db: float = RECOVERY_TOLERANCE_DB,
+             min_measured: float = RECOVERY_MIN_MEASURED) -> dict[str, Any]:
+    """When the picture is back (see the module docstring): the first exact, measured frame shown
+    after loss_end from which on every 1-s window of shown frames passes (all exact, enough of
+    them measured, mean PSNR >= baseline - tolerance) up to end_us, and every frame is exact."""
+    post = [s for s in states if loss_end_us <= s[0] <= end_us]
+    w = int(window_s * 1e6)
+    threshold = baseline_db - tolerance_db
+
+    def window(i: int) -> tuple[str | None, float | None]:  # (why it fails or None, mean)
+        win = [s for s in post[i:] if s[0] < post[i][0] + w]
+        vals = [s[2] for s in win if s[2] is not None]
+        mean = sum(vals) / len(vals) if vals else None
+        if not all(s[1] for s in win):
+            return "not_exact", mean
+        if mean is None or len(vals) < min_measured * len(win):
+            return "too_few_measured", mean
+        return ("below_threshold" if mean < threshold else None), mean
+
+    anchors = [i for i, s in enumerate(post) if s[0] <= end_us - w]  # a whole window fits before the end
+    results = {i: window(i) for i in anchors}
+    good_from = len(post)  # post[good_from:] are all exact and every window starting there passes
+    for i in range(len(post) - 1, -1, -1):
+        if not post[i][1] or (i in results and results[i][0] is not None):
+            break
+        good_from = i
+    rec = next((i for i in range(good_from, len(post)) if post[i][2] is not None and i in results), None)
+    means = [m for _, m in results.values() if m is not None]
+    out: dict[str, Any] = {
+        "recovered": rec is not None,
+        "recovery_ms": round((post[rec][0] - loss_end_us) / 1000, 1) if rec is not None else None,
+        "threshold_db": round(threshold, 3), "windows": len(results),
+        "windows_failed": sum(1 for why, _ in results.values() if why is not None),
+        "windows_failed_by": {k: sum(1 for why, _ in results.values() if why == k)
+                              for k in ("not_exact", "too_few_measured", "below_threshold")},
+        "worst_window_db": round(min(means), 3) if means else None,
+        "frames": len(post), "not_exact": sum(1 for s in post if not s[1]),
+        "measured": sum(1 for s in post if s[2] is not None),
+    }
+    if rec is not None:
+        after = [results[i][1] for i in anchors if i >= rec and results[i][1] is not None]
+        out["worst_window_after_recovery_db"] = round(min(after), 3) if after else None
+    return out
+
+
+def loss_recovery(lossy: dict[str, Any], base: dict[str, Any] | None, seconds: float, loss_s: float) -> dict[str, Any]:
+    """recovery_ms, psnr_after_loss and psnr_baseline from the raw logs of the lossy run and the
+    loss-free one (each {"frames", "events", "loss_end_us"}); windows as in the module docstring."""
+    states = frame_states(lossy["frames"], lossy["events"])
+    loss_end = lossy.get("loss_end_us")
+    out: dict[str, Any] = {"recovery_ms": None, "recovered": False, "psnr_after_loss": None, "psnr_baseline": None}
+    if loss_end is None or not states:
+        out["recovery_error"] = "the loss never stopped (no loss_end_us from the sender)" if states else "no frames"
+        return out
+    opened = loss_end - int(loss_s * 1e6)
+
+    def end_of(states: list[Shown], opened: int) -> int:
+        return min(opened + int(seconds * 1e6), states[-1][0] - int(RECOVERY_TAIL_S * 1e6))
+    end = end_of(states, opened)
+    after = window_psnr(states, loss_end, end)
+    out["psnr_after_loss"] = after["psnr"]
+    out["after_loss"] = {**after, "window_s": round((end - loss_end) / 1e6, 2)}
+    if base is None:
+        out["recovery_error"] = "no baseline run (--no-baseline)"
+        return out
+    bstates = frame_states(base["frames"], base["events"])
+    if not bstates:
+        out["recovery_error"] = "the baseline run showed no frames"
+        return out
+    b_opened = min(int(f["cap"]) for f in base["frames"])  # its first frame is captured as the call opens
+    b_start, b_end = b_opened + int(loss_s * 1e6), end_of(bstates, b_opened)
+    bw = window_psnr(bstates, b_start, b_end)
+    out["psnr_baseline"] = bw["psnr"]
+    out["baseline_window"] = {**bw, "window_s": round((b_end - b_start) / 1e6, 2)}
+    if bw["psnr"] is None:
+        out["recovery_error"] = "no measured PSNR in the baseline's window"
+        return out
+    rec = recovery(states, loss_end, end, bw["psnr"])
+    out["recovery_ms"], out["recovered"] = rec.pop("recovery_ms"), rec.pop("recovered")
+    out["recovery"] = rec
+    self_rec = recovery(bstates, b_start, b_end, bw["psnr"])
+    out["baseline_self_recovery_ms"] = self_rec["recovery_ms"]
+    return out
+
+
+def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One call with this loss: its numbers, and the raw logs ({"frames", "events", "loss_end_us"})."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-call-"))
     secret = secrets.token_hex(16)  # hex: never starts with "-", which argparse would take for an option
     room = "bench"
@@ -165,9 +312,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             send += ["--kbps", str(args.kbps)]
         if args.level is not None:
             send += ["--level", str(args.level)]
-        if args.loss > 0:
-            send += ["--simulate-loss", str(args.loss), "--loss-seconds", str(loss_s)]
-        if args.measure:
+        if loss > 0:
+            send += ["--simulate-loss", str(loss), "--loss-seconds", str(loss_s)]
+        if measure:
             send.append("--measure")
         procs["sender"] = _spawn(send, tmp / "sender.log")
         try:
@@ -192,10 +339,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return {}
 
     sender, receiver = read_json("sender.json"), read_json("receiver.json")
-    frames = []
+    records = []
     if (tmp / "frames.jsonl").exists():
-        frames = [json.loads(l) for l in (tmp / "frames.jsonl").read_text().splitlines() if l.strip()]
-    loss_end_us = sender.get("loss_end_us") if args.loss > 0 else None
+        records = [json.loads(l) for l in (tmp / "frames.jsonl").read_text().splitlines() if l.strip()]
+    frames = [r for r in records if "shown" in r]  # the shown frames; the rest: CRC verdicts and PSNRs
+    events = [r for r in records if "shown" not in r]
+    loss_end_us = sender.get("loss_end_us") if loss > 0 else None
     result = analyse(frames, sender, receiver, args.seconds, loss_end_us)
     wall = args.seconds + startup
     pct: dict[str, float | None] = {}
@@ -209,9 +358,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if live:
             result.setdefault("cpu_pct_in_call", {})[name] = round(sum(live) / len(live), 1)
     result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
-                        "loss": args.loss, "loss_seconds": loss_s if args.loss > 0 else 0, "weights": args.weights,
+                        "loss": loss, "loss_seconds": loss_s if loss > 0 else 0, "weights": args.weights,
                         "backend": args.backend, "threads": args.threads, "rto_min": args.rto_min,
-                        "model": sender.get("model")}
+                        "kbps": args.kbps, "level": args.level, "measure": measure, "model": sender.get("model")}
+    psnrs = [float(e["psnr"]) for e in events if "psnr" in e]
+    if psnrs:  # the measured PSNR of the exact frames shown (the receiver's per-second stats, pooled)
+        result["psnr_shown_exact"] = round(sum(psnrs) / len(psnrs), 3)
+        result["psnr_measured_frames"] = len(psnrs)
     result["machine"] = {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load0],
                          "loadavg_end": [round(x, 2) for x in load1]}
     result["logs"] = str(tmp)
@@ -220,7 +373,75 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             p = tmp / name
             if p.exists():
                 result[name] = p.read_text(errors="replace")[-2000:]
+    return result, {"frames": frames, "events": events, "loss_end_us": loss_end_us}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The call; with --loss, first the same call without loss (the baseline, unless
+    --no-baseline), and the recovery after the loss stops (both senders --measure)."""
+    if args.loss <= 0:
+        return call(args, 0.0, args.measure)[0]
+    base = base_raw = None
+    if not args.no_baseline:
+        base, base_raw = call(args, 0.0, True)
+    result, raw = call(args, args.loss, True)
+    if "error" in result:
+        return result
+    loss_s = result["config"]["loss_seconds"]
+    rec = loss_recovery(raw, base_raw if base is not None and "error" not in base else None, args.seconds, loss_s)
+    if base is not None and "error" in base:
+        rec["recovery_error"] = f"the baseline run failed: {base['error']}"
+    freeze = result.get("freeze_after_loss_ms")
+    out = {"recovery_ms": rec.pop("recovery_ms"), "recovered": rec.pop("recovered"),
+           "psnr_after_loss": rec.pop("psnr_after_loss"), "psnr_baseline": rec.pop("psnr_baseline"),
+           "freeze_after_loss_ms": freeze}
+    out["issue13"] = {"recovery_within_1s": out["recovery_ms"] is not None and out["recovery_ms"] <= 1000,
+                      "no_freeze_over_200ms_after_loss": freeze is not None and freeze <= 200}
+    result.update(out)
+    result.update(rec)
+    if base is not None:
+        keep = ("delivered_fps", "latency_ms", "kbps", "shown", "verified_bit_exact", "mismatched", "concealed",
+                "longest_freeze_ms", "psnr_shown_exact", "psnr_measured_frames", "i_frames", "cpu_pct_in_call",
+                "machine", "logs", "error")
+        result["baseline"] = {k: base[k] for k in keep if k in base}
     return result
+
+
+def _db(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} dB"
+
+
+def report_recovery(r: dict[str, Any]) -> list[str]:
+    a = r.get("after_loss", {})
+    psnr = (f"  psnr       after the loss stopped {_db(r['psnr_after_loss'])} ({a.get('measured', 0)} of "
+            f"{a.get('frames', 0)} shown frames bit-exact and measured, {a.get('window_s', 0):g} s); loss-free "
+            f"run, same window: {_db(r['psnr_baseline'])}")
+    lines = [psnr]
+    if "recovery_error" in r:
+        lines.append(f"  recovery   not measured: {r['recovery_error']}")
+        return lines
+    rec = r.get("recovery", {})
+    how = (f"from then on every shown frame bit-exact and every 1 s window's mean measured PSNR >= "
+           f"{_db(rec.get('threshold_db'))}, the baseline - {RECOVERY_TOLERANCE_DB:g} dB")
+    if r["recovered"]:
+        lines.append(f"  recovery   {r['recovery_ms']:.0f} ms after the loss stopped ({how}; worst window after it "
+                     f"{_db(rec.get('worst_window_after_recovery_db'))})")
+    else:
+        lines.append(f"  recovery   NOT within the run ({how}): {rec.get('windows_failed')} of {rec.get('windows')} "
+                     f"windows failed {rec.get('windows_failed_by')}, {rec.get('not_exact')} of {rec.get('frames')} "
+                     "frames not bit-exact, "
+                     f"worst window {_db(rec.get('worst_window_db'))}")
+    i13 = r.get("issue13", {})
+    own = r.get("baseline_self_recovery_ms")
+    lines.append(f"  issue 13   recovery <= 1 s: {'yes' if i13.get('recovery_within_1s') else 'NO'}; no freeze > 200 ms "
+                 f"after the loss: {'yes' if i13.get('no_freeze_over_200ms_after_loss') else 'NO'}; the loss-free run "
+                 f"judged so against its own mean: {'never back' if own is None else f'{own:.0f} ms'}")
+    b = r.get("baseline")
+    if b and "error" not in b:
+        lines.append(f"  baseline   loss-free run first: {b.get('delivered_fps')} fps, {b.get('kbps', 0):.0f} kbps, "
+                     f"bit-exact {b.get('verified_bit_exact')} of {b.get('shown')} shown, longest freeze "
+                     f"{b.get('longest_freeze_ms')} ms, logs {b.get('logs')}")
+    return lines
 
 
 def report(r: dict[str, Any]) -> str:
@@ -242,6 +463,11 @@ def report(r: dict[str, Any]) -> str:
     if "freeze_after_loss_ms" in r:
         lines.append(f"  loss       {r['loss_dropped_packets']} packets dropped; longest freeze after loss stopped "
                      f"{r['freeze_after_loss_ms']:.0f} ms; during loss {r['during_loss']}")
+    if "recovered" in r:
+        lines.extend(report_recovery(r))
+    elif r.get("psnr_shown_exact") is not None:
+        lines.append(f"  psnr       {r['psnr_shown_exact']:.2f} dB (mean of {r['psnr_measured_frames']} measured "
+                     "bit-exact shown frames)")
     in_call = "  ".join(f"{k} {v}%" for k, v in r.get("cpu_pct_in_call", {}).items())
     lines.append("  cpu        " + "  ".join(f"{k} {v}%" for k, v in r["cpu_pct"].items())
                  + f"  (while frames flow: {in_call})"
@@ -411,7 +637,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--backend", choices=CHOICES, default="eager",
                     help="sender and receiver backend (int8 adds ~20 s of start-up compilation)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--measure", action="store_true", help="the sender also decodes and reports PSNR")
+    ap.add_argument("--measure", action="store_true",
+                    help="the sender also decodes and reports PSNR (always on with --loss: the recovery needs it)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="with --loss: skip the loss-free run first (no psnr_baseline, no recovery_ms)")
     ap.add_argument("--rto-min", type=float, default=None, help="SCTP minimum RTO in seconds (aiortc: 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
