@@ -2,7 +2,8 @@
 // Joins a room as a viewer, draws the decoded (kind 1) and original (kind 2) pictures, shows
 // both ends' stats with a small chart, and can send this browser's webcam as kind-3 frames.
 // The link's token decides what the page may do: the viewers' link only watches, the camera
-// link may also feed the sender. The sender's and receiver's links are for the programs.
+// link may also feed the sender and change the call's bitrate target (the sender's --kbps).
+// The sender's and receiver's links are for the programs.
 "use strict";
 
 const KIND_DECODED = 1, KIND_ORIGINAL = 2, KIND_CAMERA = 3;
@@ -13,6 +14,7 @@ const CAMERA_JPEG_QUALITY = 0.8;
 const MAX_BUFFERED = 256 * 1024;   // don't queue a camera frame behind this much unsent data
 const CHART_SECONDS = 60;
 const FATAL_CLOSE = new Set([1008, 1009, 4000]);  // refused or replaced: retrying won't help
+const BITRATE_ANSWER_MS = 5000;    // say so when the sender has not answered by then
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -25,6 +27,8 @@ const state = window.callState = {
   joined: false,
   peerId: null,
   maySendCamera: false,       // the camera link's token lets this page feed the call
+  maySetBitrate: false,       // ... and change the sender's bitrate target
+  bitrate: { asked: null, answer: null },  // kbps awaiting an answer; the sender's last answer
   peers: new Map(),           // peer_id → role
   drawn: { [KIND_DECODED]: 0, [KIND_ORIGINAL]: 0 },
   cameraSent: 0,
@@ -75,7 +79,9 @@ function onControl(msg) {
       state.joined = true;
       state.peerId = msg.peer_id;
       state.maySendCamera = msg.may_send_camera === true;
+      state.maySetBitrate = msg.may_set_bitrate === true;
       showCameraRight();
+      showBitrateRight();
       state.peers = new Map(msg.peers.map((p) => [p.peer_id, p.role]));
       showPeers();
       setStatus("joined — waiting for pictures", "live");
@@ -93,6 +99,10 @@ function onControl(msg) {
       state.stats[msg.from_role] = msg.stats || {};
       state.view[msg.from_role] = normalize(msg.from_role, msg.stats || {});
       renderStats();
+      if (msg.from_role === "sender") showBitrateNow();
+      break;
+    case "bitrate":
+      onBitrateAnswer(msg);
       break;
     case "camera":
       // Another viewer took over the call's camera.
@@ -102,7 +112,9 @@ function onControl(msg) {
       }
       break;
     case "error":
-      setStatus(`${msg.code}: ${msg.message}`, "error");
+      // A refused bitrate is shown at its control; the call goes on.
+      if (msg.about === "set_bitrate") onBitrateAnswer({ ok: false, message: msg.message });
+      else setStatus(`${msg.code}: ${msg.message}`, "error");
       break;
   }
 }
@@ -117,6 +129,66 @@ function showPeers() {
   const roles = new Set(state.peers.values());
   for (const role of ["sender", "receiver"]) {
     $("peer-" + role).classList.toggle("present", roles.has(role));
+  }
+}
+
+// ---- bitrate target -----------------------------------------------------------------------
+
+let bitrateTimer = null, bitrateFromStats = false;
+
+function showBitrateRight() {
+  $("bitrate").disabled = !state.maySetBitrate;
+  bitrateNote(state.maySetBitrate ? "" :
+    "This link only watches. The camera link the server printed may change the bitrate.");
+}
+
+function bitrateNote(text, isError = false) {
+  $("bitrate-note").textContent = text;
+  $("bitrate-note").className = "muted" + (isError ? " error" : "");
+}
+
+function askBitrate() {
+  const kbps = Number($("bitrate").value);
+  state.bitrate.asked = kbps;
+  send({ type: "set_bitrate", kbps });
+  bitrateNote(`asking the sender for ${kbps} kbps…`);
+  clearTimeout(bitrateTimer);
+  bitrateTimer = setTimeout(() => {
+    if (state.bitrate.asked === kbps) bitrateNote("the sender has not answered (yet)", true);
+  }, BITRATE_ANSWER_MS);
+}
+
+// {ok, target_kbps, message}: the sender's answer, or the server's when it refused the ask.
+function onBitrateAnswer(msg) {
+  state.bitrate.asked = null;
+  state.bitrate.answer = msg;
+  clearTimeout(bitrateTimer);
+  bitrateNote(msg.message || (msg.ok ? "set" : "refused"), !msg.ok);
+  if (typeof msg.target_kbps === "number") selectBitrate(msg.target_kbps);
+}
+
+// Show `kbps` in the select, adding it when the sender runs at a target not listed (--kbps 250).
+function selectBitrate(kbps) {
+  const select = $("bitrate"), value = String(kbps);
+  if (![...select.options].some((o) => o.value === value)) {
+    const option = new Option(`${value} kbps`, value);
+    const after = [...select.options].find((o) => Number(o.value) > kbps);
+    select.add(option, after || null);
+  }
+  select.value = value;
+}
+
+// The sender's stats: the target it holds (lowered while the channel is congested) and what it
+// sent; without target_kbps it codes at a fixed level.
+function showBitrateNow() {
+  const tx = state.view.sender;
+  const sent = typeof tx.kbps === "number" ? ` · sent ${tx.kbps.toFixed(0)} kbps` : "";
+  if (typeof tx.target_kbps === "number") {
+    $("bitrate-now").textContent = `target ${tx.target_kbps.toFixed(0)} kbps${sent}`;
+    if (!bitrateFromStats) selectBitrate(Math.round(tx.target_kbps));  // the sender's own start
+    bitrateFromStats = true;
+  } else {
+    $("bitrate-now").textContent = `fixed level, no rate control${sent}`;
   }
 }
 
@@ -370,6 +442,7 @@ function sendCameraFrame() {
 // ---- start ------------------------------------------------------------------------------
 
 $("camera").addEventListener("click", () => (cameraStream ? stopCamera() : startCamera()));
+$("bitrate").addEventListener("change", askBitrate);
 renderStats();
 drawChart();
 

@@ -210,6 +210,7 @@ class CallServer:
                                   "role": role, "peers": others}
         if role == "viewer":
             joined["may_send_camera"] = peer.may_camera
+            joined["may_set_bitrate"] = _may_set_bitrate(peer)
         peer.send_json(joined)
         if role == "viewer":
             room.viewers_changed()  # to the call peers, latest-only
@@ -265,9 +266,10 @@ class CallServer:
 
     # ---- routing after join -------------------------------------------------------------
 
-    def _error(self, peer: Peer, code: str, message: str) -> None:
-        """A non-fatal error: the peer stays connected."""
-        peer.send_json({"type": "error", "code": code, "message": message})
+    def _error(self, peer: Peer, code: str, message: str, **extra: str) -> None:
+        """A non-fatal error: the peer stays connected. `extra`: e.g. about="set_bitrate", so
+        a page can show the error next to the control that caused it."""
+        peer.send_json({"type": "error", "code": code, "message": message, **extra})
 
     def _route(self, peer: Peer, message: str | bytes) -> None:
         if peer.room.peers.get(peer.peer_id) is not peer:
@@ -314,6 +316,10 @@ class CallServer:
             if not isinstance(on, bool):
                 return self._error(peer, P.BAD_MESSAGE, "camera needs a boolean on")
             self._camera(peer, on)
+        elif kind == "set_bitrate":
+            self._set_bitrate(peer, msg.get("kbps"))
+        elif kind == "bitrate":
+            self._bitrate_answer(peer, msg)
         elif kind == "join":
             self._error(peer, P.BAD_MESSAGE, "already joined")
         else:
@@ -342,6 +348,39 @@ class CallServer:
             # state, never a backlog that could overflow its ordered queue.
             sender.outbox.put_latest("camera", _camera_text(on, peer.peer_id),
                                      VIEWER_UPDATE_INTERVAL_S)
+
+    def _set_bitrate(self, peer: Peer, kbps: object) -> None:
+        """Someone in the call asks the sender for another bitrate target (its --kbps)."""
+        if not _may_set_bitrate(peer):
+            why = ("the sender sets its own target (--kbps)" if peer.role == "sender" else
+                   "this viewer link only watches: the camera link the server printed may "
+                   "change the bitrate")
+            return self._error(peer, P.BAD_MESSAGE, why, about="set_bitrate")
+        if (problem := P.bitrate_error(kbps)) is not None:
+            return self._error(peer, P.BAD_MESSAGE, problem, about="set_bitrate")
+        sender = peer.room.by_role("sender")
+        if sender is None:
+            return peer.outbox.put_latest("bitrate", _bitrate_text(
+                False, None, "no sender in the call: nothing to set"))
+        # Latest-only, at most every 0.1 s: a slider dragged across its range (or a loop) costs
+        # the sender ten small messages a second, never a backlog in its ordered queue.
+        text = json.dumps({"type": "set_bitrate", "kbps": kbps, "from": peer.peer_id},
+                          separators=(",", ":"))
+        sender.outbox.put_latest("set_bitrate", text, VIEWER_UPDATE_INTERVAL_S)
+
+    def _bitrate_answer(self, peer: Peer, msg: dict[str, Any]) -> None:
+        """The sender's answer to a set_bitrate, to the one who asked (latest-only)."""
+        if peer.role != "sender":
+            return self._error(peer, P.BAD_MESSAGE, "only the sender answers set_bitrate")
+        to, ok, target, text = (msg.get("to"), msg.get("ok"), msg.get("target_kbps"),
+                                msg.get("message", ""))
+        if not (isinstance(to, str) and isinstance(ok, bool) and _is_kbps_or_none(target)
+                and isinstance(text, str) and len(text) <= P.BITRATE_MESSAGE_CHARS):
+            return self._error(peer, P.BAD_MESSAGE, "bitrate needs a string to, a boolean ok, "
+                               "a positive target_kbps or null, and a message of at most "
+                               f"{P.BITRATE_MESSAGE_CHARS} characters")
+        if (asker := peer.room.peers.get(to)) is not None:  # else it left meanwhile
+            asker.outbox.put_latest("bitrate", _bitrate_text(ok, target, text))
 
     def _route_picture(self, peer: Peer, message: bytes) -> None:
         if len(message) > P.MAX_BINARY_BYTES:
@@ -408,6 +447,23 @@ class CallServer:
 
 def _camera_text(on: bool, owner: str, **extra: str) -> str:
     return json.dumps({"type": "camera", "on": on, "from": owner, **extra}, separators=(",", ":"))
+
+
+def _may_set_bitrate(peer: Peer) -> bool:
+    """The other end of the call and a page holding the camera link take part in the call and
+    may change its bitrate; the viewers' link only watches."""
+    return peer.role == "receiver" or peer.may_camera
+
+
+def _is_kbps_or_none(value: object) -> bool:
+    # A sender's own target may lie outside what a page may set (--kbps goes to 100000).
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and 0 < value < 1e7)
+
+
+def _bitrate_text(ok: bool, target_kbps: float | None, message: str) -> str:
+    return json.dumps({"type": "bitrate", "ok": ok, "target_kbps": target_kbps,
+                       "message": message}, separators=(",", ":"))
 
 
 def _plain_address(address: str) -> str:

@@ -6,6 +6,7 @@ picture header, the error codes and which of them end the connection.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ KIND_CAMERA = 3  # viewer → sender
 
 ROLES = ("sender", "receiver", "viewer")  # what a join may ask to be
 CALL_ROLES = ("sender", "receiver")  # the call's seats (one peer each); viewers only watch
+
+# A bitrate target a page (or the receiver) may ask the sender for (`set_bitrate`): wide enough
+# for any call, narrow enough that a typo cannot starve the call or flood the link.
+BITRATE_MIN_KBPS = 30.0
+BITRATE_MAX_KBPS = 5000.0
+BITRATE_MESSAGE_CHARS = 200  # the sender's answer text, at most
 
 _HEADER = struct.Struct(">BIQ")
 HEADER_SIZE = _HEADER.size  # 13 bytes
@@ -48,6 +55,18 @@ BAD_ORIGIN = "bad_origin"
 NOT_JOINED = "not_joined"
 UNKNOWN_PEER = "unknown_peer"  # not fatal: a signal to a peer that is not (or no longer) there
 JOIN_TIMEOUT = "join_timeout"
+
+
+def bitrate_error(kbps: object) -> str | None:
+    """Why `kbps` is not a bitrate target that may be set (None: it is one). The server and
+    the sender both check, so a sender never trusts what reached it."""
+    # (an int is compared as is: JSON's may be too large for a float)
+    if isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or \
+            isinstance(kbps, float) and not math.isfinite(kbps):
+        return f"kbps must be a finite number, got {str(kbps)[:32]!r}"
+    if not BITRATE_MIN_KBPS <= kbps <= BITRATE_MAX_KBPS:
+        return f"kbps must be in {BITRATE_MIN_KBPS:g}..{BITRATE_MAX_KBPS:g}, got {str(kbps)[:32]}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 Every peer has an `Outbox` drained by its own writer task, so the code that routes a message
 never awaits another peer's socket: a slow browser only delays (and thins) its own deliveries.
-Pictures, stats, camera state and the viewer list go into latest-only slots (a newer one
-replaces an unsent older one); control messages (joined, signal, the call peers' peer_joined /
-peer_left, errors) go into an ordered, bounded queue and are never dropped. Nothing a viewer does
-puts anything into a call peer's ordered queue, so no viewer can make it overflow.
+Pictures, stats, camera state, bitrate asks and answers and the viewer list go into latest-only
+slots (a newer one replaces an unsent older one); control messages (joined, signal, the call
+peers' peer_joined / peer_left, errors) go into an ordered, bounded queue and are never dropped.
+Nothing a viewer does puts anything into a call peer's ordered queue, so no viewer can make it
+overflow.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from server.protocol import bitrate_error
+
 from . import cli
 from . import transport as T
 from .assembler import codes_crc
@@ -276,12 +278,23 @@ class Sender:
                 self.peer_stats = msg.get("stats") or {}
                 if isinstance(self.peer_stats, dict):
                     self._feedback(self.peer_stats)
+            elif t == "set_bitrate":
+                await self.sig.send_json(self._set_bitrate(msg))
             elif t == "camera" and not self.quiet:
                 on = msg.get("on")
                 note = "" if isinstance(self.source, BrowserSource) else " (ignored: not --source browser)"
                 print(f"send: a viewer turned its camera {'on' if on else 'off'}{note}", flush=True)
             elif t == "error" and not self.quiet:
                 print(f"send: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
+
+    def _set_bitrate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A page holding the camera link, or the receiver, asks for another --kbps target: set
+        it, and answer the asker either way (docs/protocol.md)."""
+        answer = bitrate_answer(self.rate, msg.get("kbps"))
+        if answer["ok"] and not self.quiet:
+            print(f"send: bitrate target now {answer['target_kbps']:g} kbps (asked by "
+                  f"{str(msg.get('from'))[:16]})", flush=True)
+        return {"type": "bitrate", "to": str(msg.get("from", "")), **answer}
 
     async def run(self, stop: asyncio.Event) -> None:
         self.source.start()
@@ -315,6 +328,19 @@ class Sender:
                 "model": f"{self.codec.name} {self.codec.model_id:08x}", "transport": self.cfg.mode,
                 "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
                 "history": list(self.stats.history)}
+
+
+def bitrate_answer(rate: RateController | None, kbps: object) -> dict[str, Any]:
+    """Set a live bitrate target asked for over the server; what to answer (ok, target_kbps,
+    message). The server checked `kbps` already; a sender checks again, never trusting it."""
+    if rate is None:
+        return {"ok": False, "target_kbps": None, "message": "this sender has no rate control: "
+                "it codes every frame at a fixed --level (start it with --kbps N instead)"}
+    if (problem := bitrate_error(kbps)) is not None:
+        return {"ok": False, "target_kbps": round(rate.target_kbps, 1), "message": problem}
+    rate.set_target(float(kbps))  # type: ignore[arg-type]  # a number: bitrate_error said so
+    return {"ok": True, "target_kbps": round(rate.target_kbps, 1),
+            "message": f"the sender now aims at {rate.target_kbps:g} kbps"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

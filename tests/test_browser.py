@@ -212,6 +212,7 @@ def test_page_shows_live_pictures_and_stats(server: RunningServer, browser_page:
         status = page.text_content("#status")
         peers = page.evaluate("[...document.querySelectorAll('.peer.present')].map(e => e.id)")
         camera_disabled = page.is_disabled("#camera")  # the viewers' link only watches
+        bitrate_disabled = page.is_disabled("#bitrate")
         path = save_screenshot(page, tmp_path, "browser.png")
     assert (first["w"], first["h"]) == (320, 240)  # the canvas takes the picture's size
     assert first["std"] > 20 and second["std"] > 20, "decoded canvas looks blank"
@@ -224,7 +225,7 @@ def test_page_shows_live_pictures_and_stats(server: RunningServer, browser_page:
     assert stats1 != stats2
     assert float(stats2["fps"][2]) > 5
     assert status == "live" and sorted(peers) == ["peer-receiver", "peer-sender"]
-    assert camera_disabled
+    assert camera_disabled and bitrate_disabled
     assert path.stat().st_size > 10_000
     assert page.js_errors == []
 
@@ -361,6 +362,40 @@ def test_browser_camera_goes_through_the_real_call(server: RunningServer, browse
     # disc's mouth turns during the call's latency, so luma correlation ran 0.14-0.5.
     if "model untrained" not in output["send"]:
         assert green > 0.45, f"decoded picture is not the camera's green: green share {green:.2f}"
+
+
+@pytest.mark.slow
+def test_the_page_changes_the_real_senders_bitrate_target(server: RunningServer,
+                                                          browser_page: Any,
+                                                          tmp_path: Path) -> None:
+    """The camera link's page picks 150 kbps; a real `streamer.send` (no receiver needed: its
+    rate controller exists from the start) takes it and reports the new target in its stats."""
+    pytest.importorskip("streamer.send")
+    page = browser_page
+    log = open(tmp_path / "send.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamer.send", "--url",
+                             server.join_url("demo", "sender"), "--ice-address", "127.0.0.1",
+                             "--source", "synthetic", "--fps", "5", "--kbps", "300"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        page.goto(server.join_url("demo", "camera"))  # the link that may change the bitrate
+        now = "() => document.getElementById('bitrate-now').textContent"
+        wait_js(page, f"() => ({now})().startsWith('target 300 kbps')", 45)  # model loading
+        before = page.input_value("#bitrate")
+        page.select_option("#bitrate", "150")
+        wait_js(page, f"() => ({now})().startsWith('target 150 kbps')", 10)
+        answer = page.evaluate("window.callState.bitrate.answer")
+        note = page.text_content("#bitrate-note")
+        reported = page.evaluate("window.callState.stats.sender.target_kbps")
+    finally:
+        _stop([proc])
+        log.close()
+    output = (tmp_path / "send.log").read_text(errors="replace")
+    assert proc.returncode == 0 and "Traceback" not in output, output
+    assert before == "300" and reported == 150
+    assert answer["ok"] is True and answer["target_kbps"] == 150 and "150 kbps" in note
+    assert "bitrate target now 150 kbps" in output
+    assert page.js_errors == []
 
 
 LUMA_CORRELATION = """() => {

@@ -196,6 +196,75 @@ def test_browser_camera_frames_reach_the_sender() -> None:
     arun(body())
 
 
+async def quiet_for(ws: ClientConnection, seconds: float = 0.3) -> list[dict[str, Any]]:
+    """The text messages that arrive within `seconds`."""
+    got: list[dict[str, Any]] = []
+    with contextlib.suppress(asyncio.TimeoutError):
+        while True:
+            got.append(json.loads(await recv_text(ws, seconds)))
+    return got
+
+
+def test_a_bitrate_target_reaches_only_the_sender_and_its_answer_the_asker() -> None:
+    from streamer.ratecontrol import RateController
+    from streamer.send import bitrate_answer
+
+    async def body() -> None:
+        async with run_server(rooms=ROOMS) as srv:
+            page, jp = await join(srv, "viewer", token=srv.token("demo", "camera"))
+            assert jp["may_set_bitrate"] is True
+            await page.send(json.dumps({"type": "set_bitrate", "kbps": 150}))
+            alone = await recv_type(page, "bitrate")  # no sender yet: the server says so
+            assert alone["ok"] is False and "no sender" in alone["message"]
+
+            sender, _ = await join(srv, "sender")
+            receiver, _ = await join(srv, "receiver")
+            watcher, jw = await join(srv, "viewer")
+            assert jw["may_set_bitrate"] is False
+            await page.send(json.dumps({"type": "set_bitrate", "kbps": 150}))
+            ask = await recv_type(sender, "set_bitrate")
+            assert ask == {"type": "set_bitrate", "kbps": 150, "from": jp["peer_id"]}
+            # The sender's rate controller takes it; its answer goes to the asker alone.
+            rate = RateController(300, 30, 9)
+            await sender.send(json.dumps({"type": "bitrate", "to": ask["from"],
+                                          **bitrate_answer(rate, ask["kbps"])}))
+            answer = await recv_type(page, "bitrate")
+            assert answer["ok"] is True and answer["target_kbps"] == 150 == rate.target_kbps
+            refused = bitrate_answer(rate, 1e9)  # the sender checks again: it trusts nobody
+            assert refused["ok"] is False and rate.target_kbps == 150 == refused["target_kbps"]
+            # The receiver (the call's other end) may ask too; a fixed-level sender says no.
+            await receiver.send(json.dumps({"type": "set_bitrate", "kbps": 500.5}))
+            ask = await recv_type(sender, "set_bitrate")
+            assert ask["kbps"] == 500.5 and ask["from"] != jp["peer_id"]
+            await sender.send(json.dumps({"type": "bitrate", "to": ask["from"],
+                                          **bitrate_answer(None, ask["kbps"])}))
+            fixed = await recv_type(receiver, "bitrate")
+            assert fixed["ok"] is False and "no rate control" in fixed["message"]
+            for ws in (receiver, watcher):  # nobody else hears asks or answers
+                assert not [m for m in await quiet_for(ws) if "bitrate" in m["type"]]
+    arun(body())
+
+
+@pytest.mark.parametrize("kbps, words", [
+    ("150", "number"), (None, "number"), (True, "number"), ([150], "number"),
+    (float("nan"), "number"), (float("inf"), "number"), (29.9, "30..5000"), (5001, "30..5000"),
+    (-300, "30..5000"), (10 ** 400, "30..5000"),
+])
+def test_bad_bitrate_targets_are_refused_and_never_reach_the_sender(kbps: Any, words: str) -> None:
+    async def body() -> None:
+        async with run_server(rooms=ROOMS) as srv:
+            sender, _ = await join(srv, "sender")
+            page, _ = await join(srv, "viewer", token=srv.token("demo", "camera"))
+            await page.send(json.dumps({"type": "set_bitrate", "kbps": kbps}))  # NaN: as JS never
+            err = await recv_type(page, "error")
+            assert err["code"] == P.BAD_MESSAGE and err["about"] == "set_bitrate", err
+            assert words in err["message"], err
+            assert not [m for m in await quiet_for(sender) if m["type"] == "set_bitrate"]
+            await page.send(json.dumps({"type": "set_bitrate", "kbps": 100}))  # still joined
+            assert (await recv_type(sender, "set_bitrate"))["kbps"] == 100
+    arun(body())
+
+
 def test_misplaced_messages_after_joining_are_reported_but_not_fatal() -> None:
     async def body() -> None:
         async with run_server(rooms=ROOMS) as srv:
@@ -209,6 +278,11 @@ def test_misplaced_messages_after_joining_are_reported_but_not_fatal() -> None:
                 (sender, {"type": "camera", "on": True}, "only viewers"),
                 (sender, {"type": "signal", "to": 5, "data": {}}, "string to"),
                 (sender, {"type": "stats", "stats": [1]}, "object stats"),
+                (sender, {"type": "set_bitrate", "kbps": 100}, "its own target"),
+                (viewer, {"type": "bitrate", "to": "x", "ok": True}, "only the sender"),
+                (sender, {"type": "bitrate", "to": "x", "ok": "yes"}, "boolean ok"),
+                (sender, {"type": "bitrate", "to": "x", "ok": True, "message": "m" * 201},
+                 "at most"),
                 (sender, {"no": "type"}, "string \"type\""),
             ]
             for ws, msg, words in cases:

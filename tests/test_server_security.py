@@ -211,15 +211,23 @@ def test_viewers_coming_and_going_in_a_loop_do_not_reach_the_senders_queue() -> 
     arun(body(), timeout=120)
 
 
-def test_a_view_only_link_cannot_feed_the_camera() -> None:
+def test_a_view_only_link_can_neither_feed_the_camera_nor_set_the_bitrate() -> None:
     async def body() -> None:
         async with run_server(rooms=ROOMS) as srv:
             sender, _ = await join(srv, "sender")
             viewer, jv = await join(srv, "viewer")
-            assert jv["may_send_camera"] is False
+            assert jv["may_send_camera"] is False and jv["may_set_bitrate"] is False
             await viewer.send(json.dumps({"type": "camera", "on": True}))
             err = await recv_type(viewer, "error")
             assert err["code"] == P.BAD_MESSAGE and "camera link" in err["message"]
+            await viewer.send(json.dumps({"type": "set_bitrate", "kbps": 1000}))
+            err = await recv_type(viewer, "error")
+            assert err["code"] == P.BAD_MESSAGE and err["about"] == "set_bitrate"
+            assert "only watches" in err["message"] and "camera link" in err["message"]
+            # Nor can it answer in the sender's name.
+            await viewer.send(json.dumps({"type": "bitrate", "to": jv["peer_id"], "ok": True,
+                                          "target_kbps": 5, "message": "pwned"}))
+            assert "only the sender" in (await recv_type(viewer, "error"))["message"]
             await viewer.send(P.pack_frame(P.KIND_CAMERA, 1, b"\xff\xd8cam"))
             await sync(viewer)
             assert srv.rooms["demo"].camera_owner is None
@@ -228,8 +236,31 @@ def test_a_view_only_link_cannot_feed_the_camera() -> None:
                 while True:
                     got.append(await asyncio.wait_for(sender.recv(), 0.3))
             assert got and all(isinstance(m, str) and json.loads(m)["type"] == "viewers"
-                               for m in got), got  # neither camera state nor frame
+                               for m in got), got  # no camera state, frame or bitrate ask
+            # And the call goes on around it.
+            await sender.send(json.dumps({"type": "stats", "stats": {"kbps": 301.0}}))
+            assert (await recv_type(viewer, "stats"))["stats"] == {"kbps": 301.0}
     arun(body())
+
+
+def test_a_bitrate_flood_reaches_a_busy_sender_as_its_latest_value() -> None:
+    """2,000 set_bitrate from a camera page while the sender is not reading: latest-only, at
+    most every VIEWER_UPDATE_INTERVAL_S, like the camera state; the sender stays connected."""
+    async def body() -> None:
+        async with run_server(rooms=ROOMS) as srv:
+            sender, _ = await join(srv, "sender", sock=stalled_socket(srv.port))
+            page, _ = await join(srv, "viewer", token=srv.token("demo", "camera"))
+            sender.transport.pause_reading()
+            t0 = time.monotonic()
+            for k in range(2_000):
+                await page.send(json.dumps({"type": "set_bitrate", "kbps": 100 + k}))
+            await sync(page)
+            sender.transport.resume_reading()
+            asks = [m for m in await still_open(sender, 1.0) if m["type"] == "set_bitrate"]
+            assert sender.close_code is None
+            assert 1 <= len(asks) <= 10 * (time.monotonic() - t0) + 2, len(asks)
+            assert asks[-1]["kbps"] == 2_099
+    arun(body(), timeout=120)
 
 
 # ---- the smaller items -----------------------------------------------------------------------
