@@ -144,8 +144,8 @@ class _Pending:
     slices: int = 0
     saw_last: bool = False
     inter: bool = False
-    ref_number: int | None = None  # the frame its prediction came from
-    mispredicted: bool = False  # residuals that cannot apply to our reference (it is not the sender's)
+    ref_number: int | None = None  # the frame its prediction came from (our previous frame)
+    mispredicted: bool = False  # residuals for another reference than ours (named, or out of range)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class AssemblerCounters:
     concealed: int = 0
     lost: int = 0  # frame numbers skipped entirely (no slice arrived)
     restarts: int = 0
-    mispredicted: int = 0  # inter slices whose residuals left the codes' range on our reference
+    mispredicted: int = 0  # inter frames coded against another reference than ours
     last_error: str = field(default="", repr=False)
 
 
@@ -271,13 +271,16 @@ class FrameAssembler:
             self.n.duplicate += 1
             return out
         if p.residual is not None:  # prediction (already in pend.codes) + residual
+            if h.ref_frame_number != pend.ref_number:  # coded against a frame we do not hold
+                self.n.mispredicted += not pend.mispredicted  # (applied all the same: the
+                pend.mispredicted = True  # nearest picture we can show)
             sizes = self._sizes(h.level)
             codes = pend.codes[:, rows].astype(np.int16) + p.residual
             top = (sizes - 1)[:, None, None]
             if ((codes < 0) | (codes > top)).any():  # residuals for another reference than ours
                 codes = np.clip(codes, 0, top)
+                self.n.mispredicted += not pend.mispredicted
                 pend.mispredicted = True
-                self.n.mispredicted += 1
             pend.codes[:, rows] = codes.astype(np.uint8)
             pend.inter = True
         else:
@@ -359,11 +362,10 @@ class FrameAssembler:
         if self._last_number is not None and p.number > self._last_number + 1:
             self.n.lost += min(p.number - self._last_number - 1, self.max_gap)
         complete = bool(p.have.all())
-        # the reference holds if this frame is whole and, when it built on its predecessor, that
-        # predecessor was the frame right before it and was good
+        # the reference holds if this frame is whole and, when it built on a reference, that
+        # reference was the frame its slices name (our previous frame) and was good
         if p.inter:
-            self.reference_ok = (complete and self.reference_ok and p.ref_number == p.number - 1
-                                 and not p.mispredicted)
+            self.reference_ok = complete and self.reference_ok and not p.mispredicted
         else:
             self.reference_ok = complete
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,

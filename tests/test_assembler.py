@@ -197,7 +197,7 @@ def test_header_fields_survive(codec):
     for p in ps:
         out += asm.add(p)
     assert out[0].frame_number == 0xFFFFFFFF and out[0].timestamp_us == 2**40
-    assert struct.unpack(">I", ps[0][14:18])[0] == 0xFFFFFFFF
+    assert bitstream.header_fields(ps[0])["frame_number"] == 0xFFFFFFFF
 
 
 # -- bounded work per packet: shapes, frame numbers, pending frames ----------------------------
@@ -215,8 +215,9 @@ def reseal(body: bytes) -> bytes:
 def forged(codec: NeuralCodec, coding: int, height: int, width: int, row_count: int, payload: bytes,
            level: int = 3) -> bytes:
     """A valid-CRC packet of `codec`'s model with any latent shape."""
-    head = bitstream._HEADER.pack(bitstream.MAGIC, bitstream.VERSION, coding, 0, codec.bits, 2, level,
-                                  codec.model_id, 1, 0, 24, height, width, 0, row_count, 0, len(payload))
+    head = bitstream.header_bytes({"magic_version": bitstream.MAGIC_VERSION, "coding": coding, "bits": codec.bits,
+                                   "quant_mode": 2, "level": level, "model_id": codec.model_id, "frame_number": 1,
+                                   "channels": 24, "height": height, "width": width, "row_count": row_count})
     return reseal(head + payload)
 
 
@@ -235,19 +236,19 @@ def refused_cheaply(asm: FrameAssembler, data: bytes) -> int:
 
 
 def test_forged_huge_latent_shapes_are_refused_as_foreign_without_decoding(shipped):
-    """The two attacks found by hand: a 46-byte range-coded packet claiming 24x1024x1024 latents
-    (5 s and 4.3 GB before) and a 24,622-byte raw slice of an 8192x8192 frame (35 s, 4.2 GB)."""
+    """The two attacks found by hand: a 34-byte range-coded packet claiming 24x1024x1024 latents
+    (5 s and 4.3 GB before) and a 24,610-byte raw slice of an 8192x8192 frame (35 s, 4.2 GB)."""
     asm = FrameAssembler(shipped)
     assert asm.latent_shape == (24, 28, 28) == shipped.latent_shape()
     ranged = forged(shipped, bitstream.CODING_RANGE, 1024, 1024, 1024, b"")
     raw = forged(shipped, bitstream.CODING_RAW, 1024, 1024, 1, bytes(24 * 1024))
-    assert (len(ranged), len(raw)) == (46, 24_622)
+    assert (len(ranged), len(raw)) == (34, 24_610)
     for n, data in enumerate((ranged, raw), 1):
         assert refused_cheaply(asm, data) < 1_000_000
         assert asm.n.foreign == n and asm.n.bad_packets == 0
         assert "latent shape 24x1024x1024 (a 8192x8192 frame); this call expects 24x28x28" in asm.n.last_error
     assert asm._pending == {}
-    # a call that does run at 8192x8192 accepts that shape, but a 46-byte payload cannot hold
+    # a call that does run at 8192x8192 accepts that shape, but a 34-byte packet cannot hold
     # 25 M codes: refused by the range decoder's bound, before decoding anything
     big = FrameAssembler(shipped, latent_shape=(24, 1024, 1024))
     assert refused_cheaply(big, ranged) < 1_000_000
@@ -289,10 +290,7 @@ def test_forged_frame_numbers_leave_lost_bounded(codec):
     def send(number: int, ts: int, which: int = 1) -> list:
         out = []
         for p in streams[which]:
-            h = bytearray(p[:-4])
-            h[14:18] = struct.pack(">I", number)
-            h[18:26] = struct.pack(">Q", ts)
-            out += asm.add(reseal(h))
+            out += asm.add(bitstream.rewrite_header(p, frame_number=number, timestamp_us=ts))
         return out
 
     assert [f.frame_number for f in send(1, 1_000_000)] == [1]
@@ -318,9 +316,7 @@ def test_a_flood_of_distinct_frame_numbers_keeps_pending_frames_bounded(codec):
     first = sliced(codec, 1, 1)[1][0]  # the first slice of a frame: the frame stays open
     tracemalloc.start()
     for n in range(5000, 5000 - MAX_FRAME_GAP, -1):  # newest first: none closes an older one
-        h = bytearray(first[:-4])
-        h[14:18] = struct.pack(">I", n)
-        asm.add(reseal(h))
+        asm.add(bitstream.rewrite_header(first, frame_number=n))
         assert len(asm._pending) <= MAX_PENDING
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -334,9 +330,7 @@ def test_undecoded_concealed_frames_do_not_pile_up(codec):
     frames = []
     for n in range(1, 200):  # every frame loses its middle slices, and nobody decodes them
         for p in ps[:1] + ps[-1:]:
-            h = bytearray(p[:-4])
-            h[14:18] = struct.pack(">I", n)
-            frames += asm.add(reseal(h))
+            frames += asm.add(bitstream.rewrite_header(p, frame_number=n))
     assert len(frames) == 199 and all(f.concealed for f in frames)
     depth, node = 0, frames[-1]
     while node._prev is not None:

@@ -90,13 +90,20 @@ def test_parser_rejects_foreign_version_model_and_shape():
     def reseal(body: bytes) -> bytes:
         return body + struct.pack(">I", zlib.crc32(body))
 
+    # versions 1 and 2 began with b"NVCF" and the version byte; a v2 header of the same slice
+    legacy = reseal(b"NVCF" + bytes([2]) + bytes(37) + good[bitstream.HEADER_BYTES:-4])
+    with pytest.raises(PacketError, match="version 2; this decoder reads version 3"):
+        unpack(legacy)
     body = bytearray(good[:-4])
-    body[4] = 1  # version 1: before levels and range coding
-    with pytest.raises(PacketError, match="version 1"):
+    body[0] = 0xA4  # a later version of this format
+    with pytest.raises(PacketError, match="version 4"):
         unpack(reseal(bytes(body)))
-    body = bytearray(good[:-4])
     body[:4] = b"RIFF"
     with pytest.raises(PacketError, match="not a frame packet"):
+        unpack(reseal(bytes(body)))
+    body = bytearray(good[:-4])
+    body[1] |= 1  # the reserved flag bit
+    with pytest.raises(PacketError, match="reserved"):
         unpack(reseal(bytes(body)))
     with pytest.raises(PacketError, match="truncated"):
         unpack(good[:-1])
@@ -202,9 +209,11 @@ def test_expected_shape_refuses_other_shapes_before_the_payload():
     with pytest.raises(bitstream.ForeignPacketError, match="latent shape 24x28x28.*expects 24x32x32"):
         unpack(good, expect_shape=(24, 32, 32))
     # a valid-CRC raw slice of an 8192x8192 frame: refused on its header, nothing decoded
-    head = bitstream._HEADER.pack(bitstream.MAGIC, 2, 0, 0, 8, 2, 3, 5, 1, 0, 24, 1024, 1024, 0, 1, 0, 24 * 1024)
+    head = bitstream.header_bytes({"magic_version": bitstream.MAGIC_VERSION, "bits": 8, "quant_mode": 2,
+                                   "level": 3, "model_id": 5, "frame_number": 1, "channels": 24, "height": 1024,
+                                   "width": 1024, "row_start": 0, "row_count": 1})
     forged = reseal(head + bytes(24 * 1024))
-    assert len(forged) == 24_622
+    assert len(forged) == 24_610
     seen = []
     with pytest.raises(bitstream.ForeignPacketError, match="1024x1024 .a 8192x8192 frame"):
         unpack(forged, expect_shape=(24, 28, 28), check_header=seen.append)

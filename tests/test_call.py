@@ -277,8 +277,8 @@ def test_join_url_parsing():
 
 @pytest.mark.slow
 def test_forged_packets_are_refused_and_the_frame_rate_holds():
-    """The two hand-found attacks (a 46-byte range packet claiming 24x1024x1024 latents, a
-    24,622-byte raw slice of an 8192x8192 frame; valid CRCs), ten pairs a second through the
+    """The two hand-found attacks (a 34-byte range packet claiming 24x1024x1024 latents, a
+    24,610-byte raw slice of an 8192x8192 frame; valid CRCs), ten pairs a second through the
     live channel for 4 s: all refused as foreign, and the receiver keeps showing the frames the
     sender sends (before the fix one such packet held the receiver's event loop for 5 s)."""
     from streamer.bench.fuzz import attack_range_packet, attack_raw_slice

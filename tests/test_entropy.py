@@ -203,14 +203,11 @@ def test_range_coded_packet_needs_tables_and_a_sane_length():
         return bytes(body) + struct.pack(">I", zlib.crc32(bytes(body)))
 
     body = bytearray(good[:-4])
-    body[38:42] = struct.pack(">I", len(good) - bitstream.OVERHEAD_BYTES - 1)  # not whole words
-    with pytest.raises(PacketError, match="whole words"):
+    with pytest.raises(PacketError, match="whole words"):  # a payload one byte short of whole words
         unpack(reseal(body[:-1]), 9, coder)
-    body = bytearray(good[:-4])
-    body[8] = 0  # a level in a fixed-mode packet
-    body[9] = 1
+    fixed = bitstream.rewrite_header(good, quant_mode=0, level=1)  # a level in a fixed-mode packet
     with pytest.raises(PacketError, match="level"):
-        unpack(reseal(body), 9, coder)
+        unpack(fixed, 9, coder)
 
 
 def test_golden_range_coded_packet_is_stable():
@@ -321,10 +318,12 @@ def test_a_short_payload_claiming_many_codes_never_reaches_the_decoder():
     with pytest.raises(PacketError, match="cannot hold"):
         coder.decode(big, (4, 1024, 1024), 0)
     assert coder.max_codes(10 ** 9, 0, 4) == entropy.MAX_DECODE_CODES
-    # through the parser: a valid-CRC 46-byte range-coded header claiming 4x1024x1024 latents
-    head = bitstream._HEADER.pack(bitstream.MAGIC, 2, CODING_RANGE, 0, 8, 2, 0, 9, 1, 0, 4, 1024, 1024, 0, 1024, 0, 0)
+    # through the parser: a valid-CRC 34-byte range-coded header claiming 4x1024x1024 latents
+    head = bitstream.header_bytes({"magic_version": bitstream.MAGIC_VERSION, "coding": CODING_RANGE, "bits": 8,
+                                   "quant_mode": 2, "model_id": 9, "frame_number": 1, "channels": 4,
+                                   "height": 1024, "width": 1024, "row_count": 1024})
     forged = head + struct.pack(">I", zlib.crc32(head))
-    assert len(forged) == 46
+    assert len(forged) == 34
     tracemalloc.start()
     with pytest.raises(PacketError, match="cannot hold"):
         unpack(forged, 9, coder)

@@ -158,6 +158,28 @@ def test_a_dropped_candidate_is_not_the_reference(codec, frames):
     assert s.reference.frame_number == 0 and np.array_equal(s.reference.codes, first.q.codes)
 
 
+def test_an_inter_slice_naming_another_reference_breaks_ours(codec, frames):
+    """Each P slice names its reference frame (v3 header): residuals meant for a frame the
+    receiver does not hold are shown as best it can, but its reference is known broken."""
+    s, asm = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0), FrameAssembler(codec)
+    for n in range(2):
+        cand = s.encode(frames[n], n, n * 33_333)
+        s.commit(cand)
+        deliver(asm, cand.packets, set())
+    assert not asm.needs_keyframe
+    cand = s.encode(frames[2], 2, 2 * 33_333)
+    assert cand.frame_type == FrameType.INTER
+    named = [bitstream.header_fields(p)["ref_distance"] for p in cand.packets]
+    assert set(named) <= {0, 1} and 1 in named  # inter slices name frame 1; intra fallbacks none
+    moved = [bitstream.rewrite_header(p, ref_distance=2) if bitstream.header_fields(p)["ref_distance"] else p
+             for p in cand.packets]  # as if coded against frame 0
+    (shown,) = deliver(asm, moved, set())
+    assert shown.complete and not shown.reference_ok and asm.needs_keyframe
+    assert asm.n.mispredicted == 1
+    with pytest.raises(ValueError, match="reference"):
+        codec.pack_inter(cand.q, residual.residuals(cand.q.codes, cand.q.codes), 5, 0, SLICE, ref_frame_number=5)
+
+
 def test_keyframe_interval_forces_i_frames(codec, frames):
     s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=4)
     types = []
@@ -179,7 +201,9 @@ def test_golden_inter_packet_is_stable(codec, frames):
     clip) are a contract between sender and receiver builds: a missing golden file fails; only
     UPDATE_GOLDEN=1 (re)writes it (see tests/golden.py)."""
     packet = inter_packet(codec, frames)
-    assert packet[6] == bitstream.FRAME_INTER
+    h = bitstream.header_fields(packet)
+    assert (h["frame_type"], h["ref_distance"]) == (bitstream.FRAME_INTER, 1)
+    assert codec.unpack(packet).header.ref_frame_number == 10
     check_golden(GOLDEN, hashlib.sha256(packet).hexdigest())
 
 

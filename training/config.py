@@ -4,7 +4,7 @@ A config is a TOML file whose sections go straight to constructors:
 
     top level    name, seed, threads, frame_size, stages, out_dir, log_dir, export, machine, init_from
     [model]      preset + any field of streamer.codec.ModelConfig     -> get_preset(preset, **rest)
-    [quantizer]  bits, mode, steps, level, coverage                    -> QuantizerConfig
+    [quantizer]  bits, mode, steps, level, coverage, val_levels -> QuantizerConfig
     [data]       the fields of DataConfig                              -> DataConfig(**)
     [stage1], [stage2]  the fields of StageConfig                      -> StageConfig(**)
 
@@ -89,7 +89,8 @@ TOP_LEVEL: dict[str, Any] = {
 }
 SECTIONS: dict[str, dict[str, Any]] = {
     "model": {"preset": str, **get_type_hints(ModelConfig)},
-    "quantizer": {"bits": int, "mode": str, "steps": list[float], "level": int, "coverage": float},
+    "quantizer": {"bits": int, "mode": str, "steps": list[float], "level": int, "coverage": float,
+                  "val_levels": list[int]},
     "data": get_type_hints(DataConfig),
     "stage1": get_type_hints(StageConfig),
     "stage2": get_type_hints(StageConfig),
@@ -294,6 +295,10 @@ def check(cfg: dict[str, Any], at: Origins) -> None:
         raise ConfigError(f"{at('quantizer', message=str(e))}: [quantizer] {e}") from None
     if not 0 < q.get("coverage", 0.9999) <= 1:
         raise ConfigError(f"{at('quantizer', 'coverage')}: [quantizer] coverage must be in (0, 1], got {q['coverage']}")
+    bad = [v for v in q.get("val_levels", []) if not 0 <= v < len(qcfg.steps)]
+    if bad:
+        raise ConfigError(f"{at('quantizer', 'val_levels')}: [quantizer] val_levels {bad} outside the "
+                          f"{len(qcfg.steps)} levels of steps")
 
     dc = DataConfig(**cfg["data"])
     if dc.layout not in ("folder", "voxceleb"):

@@ -119,18 +119,21 @@ def lr_at(sc: StageConfig, step: int, progress: float) -> float:
 
 
 @torch.no_grad()
-def validate(net: Autoencoder, val_frames: list[torch.Tensor], batch: int = 16) -> dict[str, float]:
+def validate(net: Autoencoder, val_frames: list[torch.Tensor], batch: int = 16,
+             levels: list[int] | None = None) -> dict[str, float]:
     """PSNR on 8-bit outputs over the val frames: the mean of per-frame PSNRs and the PSNR of the
-    mean MSE. Frames may differ in size; each size group runs in batches."""
+    mean MSE. Frames may differ in size; each size group runs in batches. `levels` (step mode):
+    every frame at each of these quantizer levels, pooled (None: the quantizer's own level)."""
     was_training = net.training
     net.eval()
     mses = []
-    for x in val_frames:  # tensors (N, 3, H, W) of one size each
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch]
-            y = to_uint8(net(xb)).astype(np.float64)
-            ref = to_uint8(xb).astype(np.float64)
-            mses.extend(((y - ref) ** 2).reshape(len(xb), -1).mean(1).tolist())
+    for level in levels or [None]:
+        for x in val_frames:  # tensors (N, 3, H, W) of one size each
+            for i in range(0, len(x), batch):
+                xb = x[i:i + batch]
+                y = to_uint8(net(xb, level)).astype(np.float64)
+                ref = to_uint8(xb).astype(np.float64)
+                mses.extend(((y - ref) ** 2).reshape(len(xb), -1).mean(1).tolist())
     net.train(was_training)
     mses_a = np.maximum(np.array(mses), 1e-10)
     return {"psnr": float(np.mean(10 * np.log10(255.0 ** 2 / mses_a))),
@@ -344,6 +347,11 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                 raise ConfigError(f"no training frame of {cfg['frame_size']} px to fit entropy tables on")
             entropy_counts[0] = entropy.fit_levels(quantizer, torch.cat(whole))
 
+    def val_levels() -> list[int] | None:
+        """Stage 2 in step mode picks its best model by val PSNR pooled over these levels."""
+        levels = qcfg_base.get("val_levels")
+        return [int(v) for v in levels] if levels and quantizer.cfg.mode == "step" else None
+
     def export(path: Path, stage: int) -> None:
         """Codec weights (safetensors + JSON), written next to each other then renamed into place."""
         tmp = path.parent / f".tmp-{path.name}"
@@ -390,7 +398,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                 calibrate()  # resumed: the frozen encoder gives the same range and tables again
             if fresh:
                 calibrate()
-                q = validate(net, val_frames)
+                q = validate(net, val_frames, levels=val_levels())
                 state["metrics"]["quantized_before_stage2"] = q
                 state["best_psnr"] = q["psnr"]
                 if master:
@@ -445,7 +453,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
 
             if do_eval:
                 all_average_buffers(net, world)
-                v = validate(net, val_frames)
+                v = validate(net, val_frames, levels=val_levels() if stage == 2 else None)
                 last_eval = time.time()
                 state["history"].append({"stage": stage, "step": state["stage_step"], "val_psnr": round(v["psnr"], 3),
                                          "minutes": round((time.time() - t0) / 60, 2)})

@@ -15,9 +15,9 @@ Inputs (`KINDS`, drawn with --seed): random bytes; bytes behind a valid magic an
 byte-level mutations (flip, set, truncate, insert, delete, append) of valid raw and range-coded
 packets (slices and whole frames, several quantizer levels); truncations; valid packets with
 their payload damaged and the CRC made valid again; valid-CRC headers with absurd fields (huge
-or zero shapes, row ranges, side and payload lengths, bits, levels, modes, codings, versions,
+or zero shapes, row ranges, reference distances, bits, levels, modes, codings, versions,
 with the payload resized to match a claim where that fits a packet), among them the two found
-by hand: a 46-byte range-coded packet claiming 24x1024x1024 latents and a 24,622-byte raw slice
+by hand: a 34-byte range-coded packet claiming 24x1024x1024 latents and a 24,610-byte raw slice
 of an 8192x8192 frame; valid packets with forged frame numbers and timestamps; packets of
 another model and of another frame size; and a legitimate stream interleaved throughout.
 
@@ -63,7 +63,6 @@ SLOW_MS = 5.0  # inputs slower than this get their memory measured
 MEMORY_EVERY = 100
 TARGET_SLOWEST_MS = 50.0
 TARGET_PEAK_BYTES = 2 * 1024 * 1024
-_H = bitstream._HEADER
 
 
 def reseal(body: bytes | bytearray) -> bytes:
@@ -73,34 +72,33 @@ def reseal(body: bytes | bytearray) -> bytes:
 
 
 def forge(header: dict[str, int], payload: bytes, side: bytes = b"") -> bytes:
-    """A valid-CRC packet with any header fields (`bitstream._HEADER`'s, by name)."""
-    h = {"magic": bitstream.MAGIC, "version": bitstream.VERSION, "coding": CODING_RAW, "frame_type": 0,
-         "bits": 8, "quant_mode": 2, "level": 0, "model_id": 0, "frame_number": 0, "timestamp_us": 0,
-         "channels": 24, "height": 28, "width": 28, "row_start": 0, "row_count": 28,
-         "side_len": len(side), "payload_len": len(payload), **header}
-    head = _H.pack(h["magic"], h["version"], h["coding"], h["frame_type"], h["bits"], h["quant_mode"], h["level"],
-                   h["model_id"], h["frame_number"], h["timestamp_us"], h["channels"], h["height"], h["width"],
-                   h["row_start"], h["row_count"], h["side_len"], h["payload_len"])
-    return reseal(head + side + payload)
-
-
-FIELDS = ("magic", "version", "coding", "frame_type", "bits", "quant_mode", "level", "model_id",
-          "frame_number", "timestamp_us", "channels", "height", "width", "row_start", "row_count",
-          "side_len", "payload_len")
+    """A valid-CRC packet with any header fields (`bitstream.HEADER_FIELDS`, by name): the
+    payload's length is what the packet holds after the header and side information."""
+    h = {"magic_version": bitstream.MAGIC_VERSION, "coding": CODING_RAW, "frame_type": 0, "bits": 8,
+         "quant_mode": 2, "channels": 24, "height": 28, "width": 28, "row_start": 0, "row_count": 28, **header}
+    return reseal(bitstream.header_bytes(h) + side + payload)
 
 
 def fields_of(packet: bytes) -> dict[str, int]:
-    return dict(zip(FIELDS, _H.unpack_from(packet)))
+    return bitstream.header_fields(packet)
+
+
+def split_body(packet: bytes) -> tuple[bytes, bytes]:
+    """A valid packet's (side information, payload)."""
+    h = fields_of(packet)
+    side = bitstream.side_bytes(bitstream.QUANT_NAMES.get(h["quant_mode"], "step"), h["channels"])
+    body = packet[bitstream.HEADER_BYTES:-4]
+    return body[:side], body[side:]
 
 
 def attack_range_packet(model_id: int, level: int = 3) -> bytes:
-    """The 46-byte range-coded packet with a valid CRC claiming 24x1024x1024 latents."""
+    """The 34-byte range-coded packet with a valid CRC claiming 24x1024x1024 latents."""
     return forge({"coding": CODING_RANGE, "model_id": model_id, "level": level, "height": 1024, "width": 1024,
                   "row_count": 1024}, b"")
 
 
 def attack_raw_slice(model_id: int, level: int = 3) -> bytes:
-    """A 24,622-byte raw one-row slice of an 8192x8192 frame (24x1024x1024 latents), valid CRC."""
+    """A 24,610-byte raw one-row slice of an 8192x8192 frame (24x1024x1024 latents), valid CRC."""
     return forge({"model_id": model_id, "level": level, "height": 1024, "width": 1024, "row_start": 0,
                   "row_count": 1}, bytes(24 * 1024))
 
@@ -127,7 +125,7 @@ class Corpus:
             self.range += packets + codec.pack(q, i, 10 ** 15 + i)
         if not self.range:  # a model without entropy tables: its packets are all raw
             self.range = list(self.raw)
-        self.range = [p for p in self.range if p[5] == CODING_RANGE] or list(self.raw)
+        self.range = [p for p in self.range if fields_of(p)["coding"] == CODING_RANGE] or list(self.raw)
         self.foreign: list[bytes] = []
         other = NeuralCodec.untrained("lite", frame_size=codec.frame_size, seed=1)
         self.foreign += other.packets(frames[0], 1, 0, SLICE_BYTES)
@@ -149,12 +147,11 @@ def sample_frames(size: int, count: int) -> np.ndarray:
 
 
 ABSURD = {
-    "version": [0, 1, 3, 255], "coding": [0, 1, 2, 255], "frame_type": [1, 255], "bits": [0, 1, 7, 9, 255],
-    "quant_mode": [0, 1, 2, 3, 255], "level": [0, 1, 6, 7, 255],
-    "channels": [0, 1, 23, 25, 1024, 1025, 65535], "height": [0, 1, 27, 29, 1024, 1025, 65535],
-    "width": [0, 1, 27, 29, 1024, 1025, 65535], "row_start": [1, 27, 28, 1023, 65535],
-    "row_count": [0, 1, 28, 29, 1024, 65535], "side_len": [0, 48, 96, 65535],
-    "payload_len": [0, 4, 262144, 2 ** 31, 2 ** 32 - 1],
+    "magic_version": [0, 0xA2, 0xA4, 0x4E, 255], "coding": [0, 1], "frame_type": [0, 1],
+    "bits": [1, 2, 7, 8], "quant_mode": [0, 1, 2, 3], "reserved": [1], "level": [0, 1, 6, 7, 255],
+    "ref_distance": [0, 1, 2, 255], "channels": [0, 1, 23, 25, 1024, 1025, 65535],
+    "height": [0, 1, 27, 29, 1024, 1025, 65535], "width": [0, 1, 27, 29, 1024, 1025, 65535],
+    "row_start": [1, 27, 28, 1023, 65535], "row_count": [0, 1, 28, 29, 1024, 65535],
 }
 
 
@@ -186,7 +183,7 @@ class Inputs:
 
     def _random_header(self) -> bytes:
         r = self.rng
-        body = bitstream.MAGIC + bytes([bitstream.VERSION]) + r.randbytes(r.randrange(37, 300))
+        body = bytes([bitstream.MAGIC_VERSION]) + r.randbytes(r.randrange(29, 300))
         return reseal(body) if r.random() < 0.5 else body + r.randbytes(4)
 
     def _mutate(self, packet: bytes) -> bytes:
@@ -221,7 +218,7 @@ class Inputs:
     def _reseal_damaged(self, packet: bytes) -> bytes:
         r = self.rng
         body = bytearray(packet[:-4])
-        start = bitstream.HEADER_BYTES + fields_of(packet)["side_len"]
+        start = bitstream.HEADER_BYTES + len(split_body(packet)[0])
         for _ in range(r.randint(1, 8)):
             i = r.randrange(start, len(body)) if len(body) > start else r.randrange(len(body))
             body[i] = r.randrange(256)
@@ -241,8 +238,7 @@ class Inputs:
         if r.random() < 0.05:
             return r.choice((attack_range_packet, attack_raw_slice))(self.c.codec.model_id, r.randrange(8))
         h = fields_of(base)
-        side_payload = base[bitstream.HEADER_BYTES:-4]
-        side, payload = side_payload[: h["side_len"]], side_payload[h["side_len"]:]
+        side, payload = split_body(base)
         for name in r.sample(list(ABSURD), r.randint(1, 4)):
             h[name] = r.choice(ABSURD[name] + [r.randrange(1 << (8 * _field_bytes(name)))])
         fit = r.random()
@@ -253,9 +249,10 @@ class Inputs:
                 need = max(0, need - 4) // 4 * 4 if r.random() < 0.5 else r.randrange(0, 64) * 4
             if need <= bitstream.MAX_PACKET_BYTES - bitstream.OVERHEAD_BYTES - len(side):
                 payload = (r.randbytes(need) if r.random() < 0.5 else bytes(need))
-                h["payload_len"] = len(payload)
-        elif fit < 0.7:
-            h["payload_len"] = len(payload)
+        elif fit < 0.7:  # or a payload some bytes or words off
+            payload = payload[: max(0, len(payload) + r.choice((-8, -4, -1, 1, 4, 8)))] + bytes(8)[: r.randrange(9)]
+        if r.random() < 0.2:  # and the side information of another mode
+            side = r.choice((b"", bytes(48), r.randbytes(96)))
         return forge(h, payload, side)
 
     def _forged_number(self) -> bytes:
@@ -271,8 +268,8 @@ class Inputs:
             h["frame_number"] = max(0, self.number + r.randint(-3, 3))
         if r.random() < 0.5:
             h["timestamp_us"] = r.choice((0, r.randrange(1 << 64), (1 << 64) - 1, 10 ** 15 + r.randint(-10 ** 7, 10 ** 9)))
-        body = base[bitstream.HEADER_BYTES:-4]
-        return forge(h, body[h["side_len"]:], body[: h["side_len"]])
+        side, payload = split_body(base)
+        return forge(h, payload, side)
 
     def _foreign(self) -> bytes:
         return self.rng.choice(self.c.foreign)
@@ -288,13 +285,12 @@ class Inputs:
         self.stream_pos += 1 + (self.rng.random() < 0.05)  # and now and then a slice
         h = fields_of(p)
         h["frame_number"], h["timestamp_us"] = self.number, 10 ** 15 + self.number * 33_333
-        body = p[bitstream.HEADER_BYTES:-4]
-        return forge(h, body[h["side_len"]:], body[: h["side_len"]])
+        side, payload = split_body(p)
+        return forge(h, payload, side)
 
 
 def _field_bytes(name: str) -> int:
-    return {"channels": 2, "height": 2, "width": 2, "row_start": 2, "row_count": 2, "side_len": 2,
-            "payload_len": 4}.get(name, 1)
+    return {"channels": 2, "height": 2, "width": 2, "row_start": 2, "row_count": 2, "model_id": 4}.get(name, 1)
 
 
 class Clock:

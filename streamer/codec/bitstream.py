@@ -5,26 +5,27 @@ A frame's latents (C, H, W) travel as one or more *slices*: each slice carries a
 rows [row_start, row_start + row_count) for all channels and is decodable on its own, so a lost
 slice costs only its rows (the receiver conceals them) and a slice can fit one SCTP chunk.
 
-Layout (big-endian), version 2::
+Layout (big-endian), version 3 (a compact header: at call rates a frame is one or two slices of
+~1,200 bytes, and version 2's 46 bytes of header and CRC per slice were ~7 % of 300 kbps)::
 
     offset size  field
-     0     4     magic  b"NVCF"
-     4     1     version
-     5     1     coding        0 = raw bit-packed codes, 1 = range-coded (entropy.py tables)
-     6     1     frame_type    0 = intra (codes); 1 = inter (residuals against the previous
-                               frame's codes, range-coded; see residual.py and session.py)
-     7     1     bits          1..8 bits per code
-     8     1     quant_mode    0 = fixed range, 1 = per-frame per-channel min/max, 2 = step
-     9     1     level         step mode: the quantizer level (step size index); else 0
-    10     4     model_id      CRC32 of the model's config and weights (see weights.py)
-    14     4     frame_number
-    18     8     timestamp_us  sender's capture time, microseconds since the epoch
-    26     2x3   channels, height, width   the whole frame's latent shape
-    32     2x2   row_start, row_count      this slice's latent rows
-    36     2     side_len      bytes of side information (minmax: C float16 lo, then C hi)
-    38     4     payload_len   raw: ceil(C * row_count * width * bits / 8) bytes of packed codes;
-                               range-coded: whole 32-bit words, fewer bytes than raw
-    42     ...   side information, payload
+     0     1     magic_version 0xA3: a frame packet of format version 3
+     1     1     flags         bit 7 frame type (0 intra: codes; 1 inter: residuals against the
+                               reference, range-coded; see residual.py and session.py), bit 6
+                               coding (0 raw bit-packed codes, 1 range-coded, entropy.py tables),
+                               bits 5-4 quantizer mode (0 fixed range, 1 per-frame per-channel
+                               min/max, 2 step), bits 3-1 bits per code minus 1, bit 0 zero
+     2     1     level         step mode: the quantizer level (step size index); else 0
+     3     1     ref_distance  inter: the reference is frame `frame_number - ref_distance` (1..255);
+                               intra: 0 (no reference)
+     4     4     model_id      CRC32 of the model's config and weights (see weights.py)
+     8     4     frame_number
+    12     8     timestamp_us  sender's capture time, microseconds since the epoch
+    20     2x3   channels, height, width   the whole frame's latent shape
+    26     2x2   row_start, row_count      this slice's latent rows
+    30     ...   side information (minmax only: C float16 lo, then C hi), then the payload to the
+                 CRC: raw, exactly ceil(C * row_count * width * bits / 8) bytes of packed codes;
+                 range-coded, whole 32-bit words, fewer bytes than raw
     end-4  4     CRC32 of everything before it
 
 Codes are packed MSB-first in (channel, row, column) order: 6-bit codes take exactly 6 bits.
@@ -33,7 +34,8 @@ The sender range-codes a slice when the model has entropy tables and that is sma
 (`ForeignPacketError` for a packet of another model or latent shape), and its work is
 bounded by the packet's bytes and the receiver's expected latent shape, not by the header's
 claims (see `unpack`).
-Version 1 (no levels, no range coding) is refused with a message naming the version.
+Versions 1 and 2 (their packets begin with b"NVCF" and the version byte) are refused with a
+message naming the version.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from .presets import STRIDE
 from .quantizer import Quantized
 from .residual import ResidualCoder
 
-MAGIC = b"NVCF"
-VERSION = 2
+VERSION = 3
+MAGIC_VERSION = 0xA0 | VERSION  # the first byte of every version-3 packet
+LEGACY_MAGIC = b"NVCF"  # versions 1 and 2: magic, then the version byte
 CODING_RAW = 0
 CODING_RANGE = 1
 CODINGS = {CODING_RAW: "raw", CODING_RANGE: "range"}
@@ -63,8 +66,12 @@ FRAME_TYPES = (FRAME_INTRA, FRAME_INTER)
 QUANT_MODES = {"fixed": 0, "minmax": 1, "step": 2}
 QUANT_NAMES = {v: k for k, v in QUANT_MODES.items()}
 
-_HEADER = struct.Struct(">4sBBBBBBIIQHHHHHHI")
-HEADER_BYTES = _HEADER.size  # 42
+_HEADER = struct.Struct(">BBBBIIQHHHHH")
+HEADER_BYTES = _HEADER.size  # 30
+# the header's fields by name, as `header_bytes` and `header_fields` take and give them
+HEADER_FIELDS = ("magic_version", "frame_type", "coding", "quant_mode", "bits", "reserved", "level",
+                 "ref_distance", "model_id", "frame_number", "timestamp_us", "channels", "height", "width",
+                 "row_start", "row_count")
 CRC_BYTES = 4
 OVERHEAD_BYTES = HEADER_BYTES + CRC_BYTES
 MAX_PACKET_BYTES = 262_144  # aiortc's largest data-channel message
@@ -94,11 +101,47 @@ class PacketHeader:
     level: int = 0
     coding: int = CODING_RAW
     frame_type: int = FRAME_INTRA
+    ref_distance: int = 0  # inter: the reference is frame_number - ref_distance; intra: 0
     version: int = VERSION
 
     @property
     def is_whole_frame(self) -> bool:
         return self.row_start == 0 and self.row_count == self.height
+
+    @property
+    def ref_frame_number(self) -> int | None:
+        """The frame this slice's residuals apply to (None: an intra slice)."""
+        return self.frame_number - self.ref_distance if self.frame_type == FRAME_INTER else None
+
+
+def header_bytes(fields: dict[str, int]) -> bytes:
+    """The 30 header bytes of `fields` (`HEADER_FIELDS` by name; missing ones are 0), unchecked
+    beyond each field's width: how `pack` writes a header, and how tests and the fuzzer forge
+    any header they like."""
+    f = {name: 0 for name in HEADER_FIELDS} | fields
+    flags = ((f["frame_type"] & 1) << 7 | (f["coding"] & 1) << 6 | (f["quant_mode"] & 3) << 4
+             | ((f["bits"] - 1) & 7) << 1 | (f["reserved"] & 1))
+    return _HEADER.pack(f["magic_version"] & 0xFF, flags, f["level"] & 0xFF, f["ref_distance"] & 0xFF,
+                        f["model_id"] & 0xFFFFFFFF, f["frame_number"] & 0xFFFFFFFF,
+                        f["timestamp_us"] & 0xFFFFFFFFFFFFFFFF, *(f[k] & 0xFFFF for k in
+                        ("channels", "height", "width", "row_start", "row_count")))
+
+
+def rewrite_header(packet: bytes, **fields: int) -> bytes:
+    """`packet` with some header fields changed (by name) and its CRC made valid again: what a
+    forger, a test or the fuzzer does to a real packet."""
+    body = header_bytes(header_fields(packet) | fields) + bytes(packet[HEADER_BYTES:-CRC_BYTES])
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def header_fields(data: bytes) -> dict[str, int]:
+    """The raw fields of a packet's first 30 bytes (`HEADER_FIELDS`), unchecked."""
+    (magic_version, flags, level, ref_distance, model_id, frame_number, ts, channels, height, width,
+     row_start, row_count) = _HEADER.unpack_from(data)
+    return {"magic_version": magic_version, "frame_type": flags >> 7, "coding": flags >> 6 & 1,
+            "quant_mode": flags >> 4 & 3, "bits": (flags >> 1 & 7) + 1, "reserved": flags & 1, "level": level,
+            "ref_distance": ref_distance, "model_id": model_id, "frame_number": frame_number, "timestamp_us": ts,
+            "channels": channels, "height": height, "width": width, "row_start": row_start, "row_count": row_count}
 
 
 @dataclass
@@ -194,9 +237,14 @@ def pack(header: PacketHeader, codes: np.ndarray, lo: np.ndarray | None = None,
         payload = coder.encode(codes, h.level)
     else:
         payload = pack_bits(codes, h.bits)
-    head = _HEADER.pack(MAGIC, h.version, h.coding, h.frame_type, h.bits, QUANT_MODES[h.quant_mode], h.level,
-                        h.model_id, h.frame_number, h.timestamp_us, h.channels, h.height, h.width,
-                        h.row_start, h.row_count, len(side), len(payload))
+    if not 1 <= h.bits <= 8 or (h.frame_type == FRAME_INTER) != (1 <= h.ref_distance <= 255):
+        raise ValueError(f"header of {h.bits} bits per code, frame type {h.frame_type}, "
+                         f"reference distance {h.ref_distance}: not a packet")
+    head = header_bytes({"magic_version": MAGIC_VERSION, "frame_type": h.frame_type, "coding": h.coding,
+                         "quant_mode": QUANT_MODES[h.quant_mode], "bits": h.bits, "level": h.level,
+                         "ref_distance": h.ref_distance, "model_id": h.model_id, "frame_number": h.frame_number,
+                         "timestamp_us": h.timestamp_us, "channels": h.channels, "height": h.height,
+                         "width": h.width, "row_start": h.row_start, "row_count": h.row_count})
     body = head + side + payload
     packet = body + struct.pack(">I", zlib.crc32(body))
     if check_size and len(packet) > MAX_PACKET_BYTES:
@@ -260,18 +308,24 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
 
 
 def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_number: int, timestamp_us: int,
-                     max_packet_bytes: int | None, residual_coder: ResidualCoder) -> list[bytes]:
+                     max_packet_bytes: int | None, residual_coder: ResidualCoder,
+                     ref_frame_number: int | None = None) -> list[bytes]:
     """A P-frame as packets: `residual` (C, H, W) int16 = q.codes - the prediction from the
-    reference. Slices of residuals sized by their estimated coded size; a band whose residuals
+    reference, frame `ref_frame_number` (default: the frame before this one), which each inter
+    slice names so the receiver applies it only to that frame. Slices of residuals sized by their estimated coded size; a band whose residuals
     would not code smaller than its raw codes (a scene cut, a face turning) is sent as intra
     slices of its raw codes instead, which decode without the reference."""
     channels, height, width = q.codes.shape
+    distance = 1 if ref_frame_number is None else frame_number - ref_frame_number
+    if not 1 <= distance <= 255:
+        raise ValueError(f"frame {frame_number} cannot name reference {ref_frame_number}: 1..255 frames back")
 
     def header(start: int, count: int, coding: int, frame_type: int) -> PacketHeader:
         return PacketHeader(model_id=model_id, frame_number=frame_number & 0xFFFFFFFF,
                             timestamp_us=timestamp_us, channels=channels, height=height, width=width,
                             row_start=start, row_count=count, bits=q.bits, quant_mode=q.mode,
-                            level=q.level, coding=coding, frame_type=frame_type)
+                            level=q.level, coding=coding, frame_type=frame_type,
+                            ref_distance=distance if frame_type == FRAME_INTER else 0)
 
     limit = MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
     room = limit - OVERHEAD_BYTES
@@ -317,20 +371,24 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
     data = bytes(data)
     if len(data) < OVERHEAD_BYTES:
         raise PacketError(f"truncated packet: {len(data)} bytes, a header alone is {OVERHEAD_BYTES}")
-    (magic, version, coding, frame_type, bits, qmode, level, model_id, frame_number, ts, channels,
-     height, width, row_start, row_count, side_len, payload_len) = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise PacketError(f"not a frame packet (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise PacketError(f"packet format version {version}; this decoder reads version {VERSION}")
-    if coding not in CODINGS:
-        raise PacketError(f"unsupported coding {coding} (this decoder reads raw 0 and range-coded 1)")
-    if frame_type not in FRAME_TYPES:
-        raise PacketError(f"unsupported frame type {frame_type} (this decoder reads intra 0 and inter 1)")
+    f = header_fields(data)
+    if f["magic_version"] != MAGIC_VERSION:
+        if data[:4] == LEGACY_MAGIC:
+            raise PacketError(f"packet format version {data[4]}; this decoder reads version {VERSION}")
+        if f["magic_version"] & 0xF0 == MAGIC_VERSION & 0xF0:
+            raise PacketError(f"packet format version {f['magic_version'] & 0x0F}; this decoder reads version {VERSION}")
+        raise PacketError(f"not a frame packet (first byte 0x{f['magic_version']:02x}, expected 0x{MAGIC_VERSION:02x})")
+    coding, frame_type, bits, qmode, level = f["coding"], f["frame_type"], f["bits"], f["quant_mode"], f["level"]
+    channels, height, width, row_start, row_count = (f[k] for k in ("channels", "height", "width", "row_start", "row_count"))
+    if f["reserved"]:
+        raise PacketError("reserved header bit set")
     if frame_type == FRAME_INTER and (coding != CODING_RANGE or QUANT_NAMES.get(qmode) != "step"):
         raise PacketError("an inter slice is range-coded residuals of a step quantizer")
-    if not 1 <= bits <= 8:
-        raise PacketError(f"bits per code {bits} outside 1..8")
+    if (frame_type == FRAME_INTER) != (f["ref_distance"] > 0):
+        raise PacketError(f"reference distance {f['ref_distance']} in an {'inter' if frame_type else 'intra'} "
+                          f"slice (inter slices name their reference 1..255 frames back; intra slices none)")
+    if frame_type == FRAME_INTER and f["ref_distance"] > f["frame_number"]:
+        raise PacketError(f"frame {f['frame_number']} names a reference {f['ref_distance']} frames back, before frame 0")
     if qmode not in QUANT_NAMES:
         raise PacketError(f"unknown quantizer mode {qmode}")
     if level != 0 and QUANT_NAMES.get(qmode) != "step":
@@ -340,28 +398,31 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
     if row_count < 1 or row_start + row_count > height:
         raise PacketError(f"slice rows {row_start}+{row_count} outside a frame of {height} rows")
     mode = QUANT_NAMES[qmode]
-    if side_len != side_bytes(mode, channels):
-        raise PacketError(f"side information of {side_len} bytes, {side_bytes(mode, channels)} expected")
+    side_len = side_bytes(mode, channels)
+    payload_len = len(data) - OVERHEAD_BYTES - side_len
+    if payload_len < 0:
+        raise PacketError(f"truncated packet: {len(data)} bytes, the header and side information need "
+                          f"{OVERHEAD_BYTES + side_len}")
     count = channels * row_count * width
     if coding == CODING_RAW and payload_len != packed_size(count, bits):
-        raise PacketError(f"payload length {payload_len} does not match {count} codes of {bits} bits")
+        kind = "truncated" if payload_len < packed_size(count, bits) else "oversized"
+        raise PacketError(f"{kind} packet: a payload of {payload_len} bytes for {count} codes of {bits} bits "
+                          f"({packed_size(count, bits)} bytes)")
     if coding == CODING_RANGE and (payload_len % 4 or payload_len >= packed_size(count, bits)):
         raise PacketError(f"range-coded payload of {payload_len} bytes: not whole words smaller than "
                           f"the {packed_size(count, bits)} bytes of raw codes")
-    expected = OVERHEAD_BYTES + side_len + payload_len
-    if len(data) != expected:
-        kind = "truncated" if len(data) < expected else "oversized"
-        raise PacketError(f"{kind} packet: {len(data)} bytes, header says {expected}")
     # is it for this decoder? (from the header alone: nothing of the payload is read before this)
+    model_id = f["model_id"]
     if expect_model_id is not None and model_id != expect_model_id:
         raise ForeignPacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
     if expect_shape is not None and (channels, height, width) != tuple(expect_shape):
         c, h, w = expect_shape
         raise ForeignPacketError(f"latent shape {channels}x{height}x{width} (a {width * STRIDE}x{height * STRIDE} "
                                  f"frame); this call expects {c}x{h}x{w} ({w * STRIDE}x{h * STRIDE})")
-    header = PacketHeader(model_id=model_id, frame_number=frame_number, timestamp_us=ts, channels=channels,
-                          height=height, width=width, row_start=row_start, row_count=row_count, bits=bits,
-                          quant_mode=mode, level=level, coding=coding, frame_type=frame_type, version=version)
+    header = PacketHeader(model_id=model_id, frame_number=f["frame_number"], timestamp_us=f["timestamp_us"],
+                          channels=channels, height=height, width=width, row_start=row_start, row_count=row_count,
+                          bits=bits, quant_mode=mode, level=level, coding=coding, frame_type=frame_type,
+                          ref_distance=f["ref_distance"])
     if check_header is not None:
         check_header(header)
     (crc,) = struct.unpack_from(">I", data, len(data) - CRC_BYTES)

@@ -133,6 +133,14 @@ class NeuralCodec:
         return self.quantizer.quantize(self.encoder(to_tensor(frame)), level)[0]
 
     @torch.inference_mode()
+    def encode_with_latents(self, frame: np.ndarray, level: int | None = None) -> tuple[np.ndarray, Quantized]:
+        """As `encode`, and the encoder's latents (C, H/8, W/8) float32 the codes were rounded
+        from (one encoder pass): what the sender's P-frame decision needs (decision.py)."""
+        self.check_frame(frame)
+        y = self.encoder(to_tensor(frame))
+        return y[0].float().cpu().numpy(), self.quantizer.quantize(y, level)[0]
+
+    @torch.inference_mode()
     def encode_batch(self, frames: np.ndarray, level: int | None = None) -> list[Quantized]:
         if frames.ndim != 4:
             raise FrameSizeError(f"expected (N, H, W, 3) frames, got {frames.shape}")
@@ -174,12 +182,13 @@ class NeuralCodec:
                                     coder=self.entropy)
 
     def pack_inter(self, q: Quantized, res: np.ndarray, frame_number: int, timestamp_us: int,
-                   max_packet_bytes: int | None = None) -> list[bytes]:
-        """A P-frame's codes as packets of residuals `res` against its prediction (session.py)."""
+                   max_packet_bytes: int | None = None, ref_frame_number: int | None = None) -> list[bytes]:
+        """A P-frame's codes as packets of residuals `res` against its prediction from frame
+        `ref_frame_number` (default: the previous frame; session.py)."""
         if self.residual is None:
             raise ValueError("this model has no residual tables: it codes intra frames only")
         return bitstream.pack_inter_frame(q, res, self.model_id, frame_number, timestamp_us, max_packet_bytes,
-                                          self.residual)
+                                          self.residual, ref_frame_number)
 
     def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError;
