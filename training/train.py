@@ -510,7 +510,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             rd = stage == 1 and sc.rate_weight > 0
             y = train_net(x, level, sc.rate_step if rd else 0.0)
             mse = torch.nn.functional.mse_loss(y, x)
-            loss = mse
+            loss = torch.log10(mse.clamp_min(1e-10)) if sc.log_mse else mse
             if rd:
                 bpp = net.bits / (x.shape[0] * x.shape[2] * x.shape[3])
                 loss = mse + sc.rate_weight * bpp
