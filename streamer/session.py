@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 
 from .assembler import AssembledFrame, FrameAssembler
 from .codec import NeuralCodec
+from .codec.decision import keep_reference, unrounded_codes
 from .codec.quantizer import Quantized
 from .codec.residual import residuals
+from .errors import ConfigError
 
 DEFAULT_KEYFRAME_INTERVAL = 300  # frames (10 s at 30 fps): bounds how long any mismatch can last
+DEFAULT_DECISION_THRESHOLD = 0.8  # P-frames keep the reference's code within this many steps (decision.py)
 
 
 class FrameType(enum.IntEnum):
@@ -63,9 +67,14 @@ class Candidate:
 
 class EncoderSession:
     def __init__(self, codec: NeuralCodec, *, max_packet_bytes: int | None = None, level: int | None = None,
-                 keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None) -> None:
-        """inter: code P-frames (default: when the model has residual tables)."""
+                 keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None,
+                 decision_threshold: float | Sequence[float] | None = DEFAULT_DECISION_THRESHOLD) -> None:
+        """inter: code P-frames (default: when the model has residual tables).
+        decision_threshold: a P-frame keeps the reference's code wherever the latent is within
+        this many quantizer steps of it (`codec.decision.keep_reference`); one value for every
+        level or one per level; 0 or None: off (every code the nearest one)."""
         self.codec = codec
+        self.decision_thresholds = _per_level(decision_threshold, codec.levels)
         self.max_packet_bytes = max_packet_bytes
         self.level = codec.quantizer.check_level(level)
         self.keyframe_interval = keyframe_interval
@@ -93,13 +102,20 @@ class EncoderSession:
         t0 = time.perf_counter()
         level = self.level if level is None else self.codec.quantizer.check_level(level)
         frame_type = self.next_frame_type()
-        q = self.codec.encode(image, level)
         if frame_type == FrameType.INTER:
             assert self.reference is not None
             prediction = self.codec.quantizer.requantize(self.reference.codes, self.reference.level, level)
+            threshold = self.decision_thresholds[level]
+            if threshold and self.codec.cfg.quantizer.mode == "step":
+                latents, q = self.codec.encode_with_latents(image, level)
+                q = replace(q, codes=keep_reference(q.codes, unrounded_codes(self.codec.quantizer, latents, level),
+                                                    prediction, threshold))  # what is sent is the reference
+            else:
+                q = self.codec.encode(image, level)
             packets = self.codec.pack_inter(q, residuals(q.codes, prediction), frame_number, timestamp_us,
                                             self.max_packet_bytes)
         else:
+            q = self.codec.encode(image, level)
             packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
         return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000)
 
@@ -117,6 +133,22 @@ class EncoderSession:
         self.reference = None
         self._keyframe_requested = False
         self._since_keyframe = 0
+
+
+def _per_level(threshold: float | Sequence[float] | None, levels: int) -> list[float]:
+    """The decision threshold of each quantizer level (0: off), checked."""
+    if threshold is None:
+        return [0.0] * levels
+    values = [threshold] * levels if isinstance(threshold, (int, float)) else list(threshold)
+    if len(values) != levels:
+        raise ConfigError(f"decision_threshold: {len(values)} values for {levels} quantizer levels")
+    try:
+        values = [0.0 if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"decision_threshold must be numbers, got {threshold!r}") from None
+    if any(not (0 <= v < 1.5) for v in values):  # 1.5 and over would let codes move by 2 steps
+        raise ConfigError(f"decision_threshold must be in [0, 1.5) quantizer steps, got {threshold!r}")
+    return values
 
 
 class DecoderSession:

@@ -41,15 +41,42 @@ def fit_tables(codec: NeuralCodec, frames: np.ndarray, batch: int = 32) -> np.nd
     return entropy.fit_levels(codec.quantizer, y)
 
 
-def fit_residual_tables(codec: NeuralCodec, clips: list[np.ndarray], batch: int = 32) -> np.ndarray:
-    """Residual tables (levels, C, CONTEXTS, 511) from clips of consecutive uint8 frames (T, H, W, 3)."""
+def fit_residual_tables(codec: NeuralCodec, clips: list[np.ndarray], batch: int = 32,
+                        decision_threshold: float | None = None) -> np.ndarray:
+    """Residual tables (levels, C, CONTEXTS, 511) from clips of consecutive uint8 frames (T, H, W, 3).
+    decision_threshold: fit on the residuals a sender with this P-frame decision sends
+    (`streamer.codec.decision`: each frame against the codes sent for the previous one);
+    None or 0: each frame's nearest codes against the previous frame's."""
     sequences = []
     with torch.inference_mode():
         for frames in clips:
             sequences.append(torch.cat([
                 codec.model.encoder(torch.from_numpy(frames[i:i + batch]).permute(0, 3, 1, 2).float() / 255)
                 for i in range(0, len(frames), batch)]))
-    return residual.fit_levels(codec.quantizer, sequences)
+    if not decision_threshold:
+        return residual.fit_levels(codec.quantizer, sequences)
+    return decided_residual_tables(codec, sequences, decision_threshold)
+
+
+def decided_residual_tables(codec: NeuralCodec, sequences: list[torch.Tensor], threshold: float) -> np.ndarray:
+    """As `residual.fit_levels`, on the residuals of a sender that keeps the reference's code
+    within `threshold` steps (the chain of sent codes, as `EncoderSession` makes it)."""
+    from streamer.codec.decision import keep_reference, unrounded_codes
+
+    tables = []
+    for lv in range(codec.levels):
+        sizes, _ = codec.quantizer.alphabet(lv)
+        res = []
+        for y in sequences:
+            latents = y.float().numpy()
+            codes = [q.codes for q in codec.quantizer.quantize(y, lv)]
+            ref = codes[0]
+            for n in range(1, len(codes)):
+                sent = keep_reference(codes[n], unrounded_codes(codec.quantizer, latents[n], lv), ref, threshold)
+                res.append(residual.residuals(sent, ref))
+                ref = sent
+        tables.append(residual.fit(np.stack(res), sizes))
+    return np.stack(tables)
 
 
 def training_clips(root: str, size: int, clips: int, frames: int) -> list[np.ndarray]:
@@ -109,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", type=int, default=64, help="training videos for the residual tables (default 64)")
     ap.add_argument("--clip-frames", type=int, default=60,
                     help="consecutive frames from each clip for the residual tables (default 60)")
+    ap.add_argument("--decision-threshold", type=float, default=0.0, metavar="T",
+                    help="fit the residual tables on what a sender with this P-frame decision sends "
+                         "(EncoderSession's decision_threshold, in quantizer steps; default 0: nearest codes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
         check_media(args.train, "--train")  # mistakes up front, before minutes of work
+        if not 0 <= args.decision_threshold < 1.5:
+            raise StreamerError(f"--decision-threshold {args.decision_threshold:g}: quantizer steps in [0, 1.5)")
         require_extra("tqdm")  # the frame cache's progress bar
         # old tables are replaced (the intra ones are kept with --residual-only)
         cfg, model, _ = weights.load(args.weights, entropy_tables=args.residual_only)
@@ -138,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"frames of {args.train}"}
         if cfg.quantizer.mode == "step":
             clips = training_clips(args.train, codec.frame_size, args.clips, args.clip_frames)
-            codec.set_residual_counts(fit_residual_tables(codec, clips))
+            codec.set_residual_counts(fit_residual_tables(codec, clips, decision_threshold=args.decision_threshold))
             cfg.training = {**cfg.training, "residual_tables": f"python -m training.tables on {len(clips)} clips "
-                            f"x {args.clip_frames} consecutive frames of {args.train}"}
+                            f"x {args.clip_frames} consecutive frames of {args.train}"
+                            + (f", decision threshold {args.decision_threshold:g}" if args.decision_threshold else "")}
         weights.save(args.out, cfg, codec.model)
     except StreamerError as e:
         print(f"tables: error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ mean MSE) and MS-SSIM (`training.metrics.ms_ssim`), over all frames of all clips
 - `neural`: the call's encoder/decoder sessions (I/P frames against a reference, their own rate
   control), registered from `streamer.session` when that module provides `EncoderSession` and
   `DecoderSession` with the interface `SessionCoder` expects; otherwise listed under `skipped`.
+  `--decision-threshold T` sets the sender's P-frame decision (`streamer.codec.decision`; 0: off).
 
 BD-rate (Bjontegaard): log-rate as a function of PSNR, interpolated piecewise-cubically (PCHIP,
 monotone; or a cubic fit, `method="cubic"`), the mean difference over the PSNR range both curves
@@ -209,10 +210,11 @@ class SessionCoder:
 
     memo_key = None
 
-    def __init__(self, codec: NeuralCodec, target_kbps: float, fps: float) -> None:
+    def __init__(self, codec: NeuralCodec, target_kbps: float, fps: float, **session_options) -> None:
+        """session_options: more EncoderSession options (e.g. decision_threshold)."""
         from streamer.session import DecoderSession, EncoderSession  # type: ignore[import-not-found]
 
-        self.enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES)
+        self.enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES, **session_options)
         self.dec = DecoderSession(codec)
         self.fps, self.n = fps, 0
         try:
@@ -250,10 +252,10 @@ def session_status() -> str | None:
     return None
 
 
-def maybe_register_sessions(log: Callable[[str], None] = print) -> str | None:
+def maybe_register_sessions(log: Callable[[str], None] = print, **session_options) -> str | None:
     why = session_status()
     if why is None:
-        register("neural", lambda codec, clip, kbps, fps: SessionCoder(codec, kbps, fps))
+        register("neural", lambda codec, clip, kbps, fps: SessionCoder(codec, kbps, fps, **session_options))
     return why
 
 
@@ -474,13 +476,17 @@ def machine() -> str:
 def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, weights: str = "default",
                    max_frames: int = MAX_FRAMES, max_clips: int | None = None, codecs: Sequence[str] | None = None,
                    sweep: bool = True, codec: NeuralCodec | None = None, threads: int = 1, ssim_every: int = 1,
-                   log: Callable[[str], None] = print, command: str | None = None) -> dict:
-    """The whole video evaluation; returns the report (see the module docstring)."""
+                   log: Callable[[str], None] = print, command: str | None = None,
+                   decision_threshold: float | list[float] | None | str = "default") -> dict:
+    """The whole video evaluation; returns the report (see the module docstring).
+    decision_threshold: the "neural" sessions' P-frame decision (EncoderSession's
+    decision_threshold: steps, one or one per level; None or 0: off); "default": the session's."""
     t0 = time.time()
     torch.set_num_threads(threads)
     codec = codec if codec is not None else NeuralCodec.load(weights)
     skipped: dict[str, str] = {}
-    why = maybe_register_sessions(log)
+    options = {} if decision_threshold == "default" else {"decision_threshold": decision_threshold}
+    why = maybe_register_sessions(log, **options)
     if why:
         skipped["neural"] = why
     why = vp8_status()
@@ -543,7 +549,8 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
               "model_id": f"{codec.model_id:08x}", "frame_size": codec.frame_size, "fps": FPS,
               "max_frames_per_clip": max_frames, "ms_ssim_every": ssim_every, "clips": [c.name for c in clips],
               "frames": sum(len(c.frames) for c in clips), "targets_kbps": [float(k) for k in kbps],
-              "codecs": names, "skipped": skipped, "results": rows, "sweep": sweep_rows}
+              "codecs": names, "skipped": skipped, "results": rows, "sweep": sweep_rows,
+              "decision_threshold": decision_threshold}
     report.update(bd_rates(report))
     report["seconds"] = round(time.time() - t0, 1)
     return report
@@ -665,6 +672,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--clips", type=int, default=None, help="only the first N clips")
     g.add_argument("--codecs", default=None, help="comma-separated subset of neural,neural-intra,x264,vp8")
     g.add_argument("--no-sweep", action="store_true", help="skip the intra codec's run at each level")
+    g.add_argument("--decision-threshold", default="default", metavar="T|T0,T1,...",
+                   help="neural: P-frames keep the reference's code where the latent is within T quantizer "
+                        "steps of it (one value, or one per level; 0: off; default: the session's)")
     g.add_argument("--ssim-every", type=int, default=1,
                    help="MS-SSIM on every Nth frame (default 1: all; PSNR is always on every frame)")
 
@@ -677,6 +687,19 @@ def parse_kbps(text: str) -> list[float]:
     if not rates or any(r <= 0 for r in rates):
         raise StreamerError(f"--kbps {text!r}: give positive rates, comma-separated (e.g. 100,150,300,500)")
     return sorted(rates)
+
+
+def parse_threshold(text: str) -> float | list[float] | str:
+    """--decision-threshold: "default", one number, or numbers separated by commas (one per level)."""
+    if text == "default":
+        return text
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 <= v < 1.5 for v in values):
+        raise StreamerError(f"--decision-threshold {text!r}: quantizer steps in [0, 1.5), one or one per level")
+    return values[0] if len(values) == 1 else values
 
 
 def main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> int:
@@ -693,10 +716,11 @@ def main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], 
         codecs = [c.strip() for c in args.codecs.split(",")] if args.codecs else None
         if codecs and (bad := [c for c in codecs if c not in CODEC_ORDER]):
             raise StreamerError(f"--codecs: unknown {', '.join(bad)} (choose from {', '.join(CODEC_ORDER)})")
+        threshold = parse_threshold(getattr(args, "decision_threshold", "default"))
         command = "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
         report = evaluate_video(args.data, kbps, args.weights, args.max_frames, args.clips, codecs,
                                 sweep=not args.no_sweep, threads=args.threads, ssim_every=max(1, args.ssim_every),
-                                log=log, command=command)
+                                log=log, command=command, decision_threshold=threshold)
     except StreamerError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
