@@ -146,6 +146,9 @@ class _Pending:
     inter: bool = False
     ref_number: int | None = None  # the frame its prediction came from (our previous frame)
     mispredicted: bool = False  # residuals for another reference than ours (named, or out of range)
+    intra_rows: np.ndarray | None = None  # bool per latent row: arrived as intra codes
+    bad_rows: np.ndarray | None = None  # bool per latent row: residuals that cannot apply to ours
+    wrong_ref: bool = False  # some slice named another reference than our previous frame
 
 
 @dataclass
@@ -180,6 +183,8 @@ class FrameAssembler:
         self.max_gap, self.max_pending = int(max_gap), int(max_pending)
         self.n = AssemblerCounters()
         self.reference_ok = False  # no frame yet: nothing to predict from
+        self._rows_ok: np.ndarray | None = None  # per latent row: our reference's row is the sender's
+        self.broken_at: int | None = None  # the newest frame that broke (rows of) the reference
         self._alphabets: dict[int, np.ndarray] = {}
         self._pending: dict[int, _Pending] = {}
         self._last_number: int | None = None  # newest frame handed out
@@ -271,20 +276,25 @@ class FrameAssembler:
             self.n.duplicate += 1
             return out
         if p.residual is not None:  # prediction (already in pend.codes) + residual
-            if h.ref_frame_number != pend.ref_number:  # coded against a frame we do not hold
-                self.n.mispredicted += not pend.mispredicted  # (applied all the same: the
-                pend.mispredicted = True  # nearest picture we can show)
             sizes = self._sizes(h.level)
             codes = pend.codes[:, rows].astype(np.int16) + p.residual
             top = (sizes - 1)[:, None, None]
-            if ((codes < 0) | (codes > top)).any():  # residuals for another reference than ours
+            # coded against a frame we do not hold, or residuals that leave the codes' range on
+            # ours: applied all the same (the nearest picture we can show), but these rows of
+            # our reference are not the sender's
+            wrong_ref = h.ref_frame_number != pend.ref_number
+            outside = ((codes < 0) | (codes > top)).any(axis=(0, 2))  # per row of the slice
+            if wrong_ref or outside.any():
                 codes = np.clip(codes, 0, top)
                 self.n.mispredicted += not pend.mispredicted
                 pend.mispredicted = True
+                pend.wrong_ref |= wrong_ref
+                pend.bad_rows[rows] |= True if wrong_ref else outside
             pend.codes[:, rows] = codes.astype(np.uint8)
             pend.inter = True
         else:
             pend.codes[:, rows] = p.codes
+            pend.intra_rows[rows] = True
         if p.lo is not None:  # minmax: every slice of a frame carries the frame's range
             pend.lo, pend.hi = p.lo, p.hi
         pend.have[rows] = True
@@ -326,9 +336,18 @@ class FrameAssembler:
             self._alphabets[level] = self.codec.quantizer.alphabet(level)[0]
         return self._alphabets[level]
 
+    def mark_broken(self, frame_number: int) -> None:
+        """Our reference is known not to be the sender's (e.g. a CRC of frame `frame_number`
+        did not match): every row needs recovery."""
+        if self._rows_ok is not None:
+            self._rows_ok[:] = False
+        self.reference_ok = False
+        self.broken_at = frame_number
+
     def reset(self) -> None:
         """Forget ordering and pending frames (a new call); keeps the last picture for concealment."""
         self.reference_ok = False
+        self._rows_ok = None
         self._pending.clear()
         self._last_number = None
         self._last_ts = 0
@@ -349,7 +368,7 @@ class FrameAssembler:
         else:  # nothing to conceal with yet: the middle code (a flat, neutral picture)
             codes, ref = self.codec.neutral_codes(shape), None
         return _Pending(number, ts, shape, codes, None, None, np.zeros(shape[1], bool), now, now, level,
-                        ref_number=ref)
+                        ref_number=ref, intra_rows=np.zeros(shape[1], bool), bad_rows=np.zeros(shape[1], bool))
 
     def _flush(self, before: int) -> list[AssembledFrame]:
         """Hand out every pending frame numbered below `before`, oldest first."""
@@ -361,13 +380,20 @@ class FrameAssembler:
     def _emit(self, p: _Pending) -> AssembledFrame:
         if self._last_number is not None and p.number > self._last_number + 1:
             self.n.lost += min(p.number - self._last_number - 1, self.max_gap)
-        complete = bool(p.have.all())
-        # the reference holds if this frame is whole and, when it built on a reference, that
-        # reference was the frame its slices name (our previous frame) and was good
-        if p.inter:
-            self.reference_ok = complete and self.reference_ok and not p.mispredicted
-        else:
-            self.reference_ok = complete
+        # the reference row by row (a P-frame's residuals on a row depend on that row of the
+        # reference alone): a row is the sender's if it arrived intra, or arrived as residuals on
+        # a row that was the sender's, against the frame they name; a lost row is not
+        prev_ok = self._rows_ok if self._rows_ok is not None and self._rows_ok.shape == p.have.shape \
+            else np.zeros_like(p.have)
+        rows_ok = p.intra_rows | (p.have & prev_ok & ~p.bad_rows)
+        if not p.have.all() or p.wrong_ref or (p.bad_rows & prev_ok).any():
+            # the newest frame with a defect of its own (a lost row, residuals for a frame we
+            # lack, or out of range on a row we thought good): what a recovery must come after.
+            # A whole frame on rows already broken is not one (its residuals may well leave the
+            # range there): the recovery asked for before still answers it.
+            self.broken_at = p.number
+        self._rows_ok = rows_ok
+        self.reference_ok = bool(rows_ok.all())
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,
                            p.first_arrival, p.last_arrival, p.level, p.inter, self.reference_ok)
         if f.complete:

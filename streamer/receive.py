@@ -90,7 +90,8 @@ class Receiver:
         self.latencies: list[float] = []  # every shown frame, ms (the bench's percentiles)
         self.shown = 0
         self.verified = 0
-        self.mismatched = 0
+        self.mismatched = 0  # complete frames we took for the sender's, whose CRC said otherwise
+        self.known_broken = 0  # complete frames shown on a reference we knew broken (CRC differs)
         self.calls = 0
 
     # -- peer connection -------------------------------------------------------------------
@@ -157,18 +158,21 @@ class Receiver:
         fut.add_done_callback(self._assembled)
 
     def _assemble(self, fn: Callable[..., list[AssembledFrame]], *args: Any
-                  ) -> tuple[list[AssembledFrame], float | None, bool]:
-        return fn(*args), self.assembler.next_deadline(), self.assembler.needs_keyframe
+                  ) -> tuple[list[AssembledFrame], float | None, int | None]:
+        """(frames, next deadline, the frame our reference broke at if it needs recovery)."""
+        frames = fn(*args)
+        broken = self.assembler.broken_at if self.assembler.needs_keyframe else None
+        return frames, self.assembler.next_deadline(), broken
 
-    def _assembled(self, fut: "asyncio.Future[tuple[list[AssembledFrame], float | None, bool]]") -> None:
+    def _assembled(self, fut: "asyncio.Future[tuple[list[AssembledFrame], float | None, int | None]]") -> None:
         self._parsing -= 1
         if fut.cancelled() or fut.exception() is not None:
             return
-        frames, deadline, needs_keyframe = fut.result()
+        frames, deadline, broken_at = fut.result()
         for frame in frames:
             self.offer_frame(frame)
-        if needs_keyframe and frames:
-            self.request_keyframe(frames[-1].frame_number)
+        if broken_at is not None and frames:
+            self.request_keyframe(broken_at)
         if deadline is not None and self._poll_handle is None:
             self._poll_handle = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - time.monotonic()) + 0.001, self._poll)
@@ -177,9 +181,11 @@ class Receiver:
         self._poll_handle = None
         self._hand_to_parser(self.assembler.poll)
 
-    def request_keyframe(self, after: int) -> None:
-        """Ask the sender for an I-frame (our reference no longer matches its): what RTCP PLI
-        does for RTP video. Rate-limited; the assembler conceals until the I-frame arrives."""
+    def request_keyframe(self, broken_at: int) -> None:
+        """Ask the sender for recovery, an I-frame or an intra refresh (our reference stopped
+        matching its at frame `broken_at`): what RTCP PLI does for RTP video. The sender
+        answers once per break (a recovery it began after `broken_at` is already on its way);
+        rate-limited here too. The assembler conceals until the recovery arrives."""
         now = time.monotonic()
         ch = self.meta_channel
         if ch is None or ch.readyState != "open" or now - self._last_keyframe_request < KEYFRAME_REQUEST_INTERVAL_S:
@@ -187,9 +193,13 @@ class Receiver:
         self._last_keyframe_request = now
         self.keyframe_requests += 1
         try:
-            ch.send(json.dumps({"kf": after}))
+            ch.send(json.dumps({"kf": broken_at}))
         except Exception:  # noqa: BLE001 - the channel closed under us: the next call starts with an I-frame
             pass
+
+    def _mark_broken(self, frame_number: int) -> list[AssembledFrame]:
+        self.assembler.mark_broken(frame_number)
+        return []
 
     def offer_frame(self, frame: AssembledFrame) -> None:
         """Latest-only hand-over to the decoder: an undecoded older frame is skipped."""
@@ -212,17 +222,21 @@ class Receiver:
 
     def _match(self, n: int) -> None:
         """Compare a shown complete frame's codes CRC with the sender's, once both are known."""
-        meta, crc = self._meta.get(n), self._shown.get(n)
-        if meta is None or crc is None or "crc" not in meta:
+        meta, shown = self._meta.get(n), self._shown.get(n)
+        if meta is None or shown is None or "crc" not in meta:
             return
+        crc, believed_ok = shown
         if "ok" not in meta:
             meta["ok"] = meta["crc"] == crc
             self.frame_log.write({"f": n, "crc_ok": meta["ok"]})  # the verdict, once per shown complete frame
             if meta["ok"]:
                 self.verified += 1
-            else:
+            elif not believed_ok:
+                self.known_broken += 1  # shown while we knew our reference broken: recovery was asked for
+            else:  # a divergence nothing else revealed
                 self.mismatched += 1
-                self.request_keyframe(n)  # our reference is not the sender's: start again from an I-frame
+                self._hand_to_parser(self._mark_broken, n)  # (the assembler lives in the parse thread)
+                self.request_keyframe(n)  # our reference is not the sender's: recover from frame n on
         if meta["ok"] and "psnr" in meta and not meta.get("psnr_used"):
             meta["psnr_used"] = True  # the sender's local decode is ours, bit for bit
             self._psnr.append(float(meta["psnr"]))
@@ -253,7 +267,7 @@ class Receiver:
         self.stats.add_latency(latency)
         self.latencies.append(latency)
         if frame.complete:
-            self._shown[frame.frame_number] = frame.crc()
+            self._shown[frame.frame_number] = (frame.crc(), frame.reference_ok)
             while len(self._shown) > 512:
                 self._shown.popitem(last=False)
             self._match(frame.frame_number)
@@ -286,6 +300,7 @@ class Receiver:
         self.stats.totals["overload"] = self.overload
         self.stats.totals["keyframe_requests"] = self.keyframe_requests
         self.stats.totals["mismatched"] = self.mismatched
+        self.stats.totals["known_broken"] = self.known_broken
         self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
         self.stats.values["decode_ms"] = round(sum(self._decode_ms) / len(self._decode_ms), 1) if self._decode_ms else None
         self._psnr, self._decode_ms = [], []
@@ -349,7 +364,7 @@ class Receiver:
                 "overload": self.overload, "keyframe_requests": self.keyframe_requests,
                 "lost": n.lost, "bad_packets": n.bad_packets, "foreign": n.foreign, "late": n.late,
                 "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
-                "mismatched": self.mismatched, "bytes": n.bytes, "calls": self.calls,
+                "mismatched": self.mismatched, "known_broken": self.known_broken, "bytes": n.bytes, "calls": self.calls,
                 "latency_ms": {q: round(percentile(lat, int(q[1:])) or 0, 1) for q in ("p50", "p95", "p99")},
                 "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
                 "history": list(self.stats.history)}

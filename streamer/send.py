@@ -33,7 +33,7 @@ from .codec import NeuralCodec
 from .metrics import psnr
 from .receive import jpeg
 from .ratecontrol import RateController
-from .session import DEFAULT_KEYFRAME_INTERVAL, Candidate, EncoderSession, FrameType
+from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES, Candidate, EncoderSession, FrameType
 from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
@@ -47,14 +47,14 @@ class Sender:
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
                  quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
-                 inter: bool = True, kbps: float | None = None) -> None:
+                 inter: bool = True, kbps: float | None = None, recovery: str = DEFAULT_RECOVERY) -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         # step-mode models: the quantizer level (step size) frames are sent at; a rate
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
         # the call's reference frame and the I/P decision (one per call: reset on a new one)
         self.session = EncoderSession(codec, max_packet_bytes=cfg.max_packet_bytes, level=self.level,
-                                      keyframe_interval=keyframe_interval, inter=inter)
+                                      keyframe_interval=keyframe_interval, inter=inter, recovery=recovery)
         # --kbps: the level of each frame from the bits the frames really made (None: --level)
         self.rate = (RateController(kbps, source.fps, codec.levels, start_level=codec.levels - 2)
                      if kbps and codec.levels > 1 else None)
@@ -124,15 +124,19 @@ class Sender:
             await cli.bounded(pc.close())
 
     def on_meta(self, data: bytes | str) -> None:
-        """The receiver's side messages: {"kf": N} asks for an I-frame (its reference broke
-        after frame N was lost or concealed, or failed its CRC)."""
+        """The receiver's side messages: {"kf": N} asks for recovery, an I-frame or an intra
+        refresh (its reference broke at frame N: lost or concealed rows, or a failed CRC)."""
         try:
             m = json.loads(data)
         except (ValueError, TypeError):
             return
         if isinstance(m, dict) and "kf" in m:
-            self.session.request_keyframe()
+            broken_at = m["kf"]
+            if not isinstance(broken_at, int) or isinstance(broken_at, bool):
+                return
             self.stats.count("keyframe_requests")
+            if not self.session.request_keyframe(broken_at):
+                self.stats.count("recovery_requests_answered_already")  # a recovery is on its way
 
     # -- frames ----------------------------------------------------------------------------
     def _encode(self, cap: CapturedFrame, number: int, level: int | None) -> Candidate:
@@ -187,6 +191,8 @@ class Sender:
             self.frame_number += 1
             self.stats.count("frames")
             self.stats.count("i_frames" if cand.frame_type == FrameType.INTRA else "p_frames")
+            if cand.refresh_rows is not None:
+                self.stats.count("refresh_frames")  # P-frames that sent a band intra
             self.stats.count("bytes", sum(len(p) for p in cand.packets))
             self._send_meta({"f": number, "crc": codes_crc(q.codes)})
             if self.measure and not self._measuring:  # latest-only: skip while one is running
@@ -321,7 +327,8 @@ class Sender:
     def summary(self) -> dict[str, Any]:
         return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),
                 "i_frames": self.session.frames[FrameType.INTRA], "p_frames": self.session.frames[FrameType.INTER],
-                "keyframe_requests": self.session.keyframe_requests,
+                "keyframe_requests": self.session.keyframe_requests, "recovery": self.session.recovery,
+                "refresh_frames": self.stats.totals.get("refresh_frames", 0),
                 "target_kbps": self.rate.target_kbps if self.rate is not None else None,
                 "captured": self.source.captured, "capture_dropped": self.source.dropped,
                 "loss_dropped": self.injector.dropped if self.injector else 0, "loss_end_us": self.loss_end_us,
@@ -359,6 +366,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL, metavar="FRAMES",
                     help=f"an I-frame at least every this many frames (default {DEFAULT_KEYFRAME_INTERVAL}; "
                     "0: only when the receiver asks)")
+    ap.add_argument("--recovery", choices=RECOVERIES, default=DEFAULT_RECOVERY,
+                    help="how a receiver's broken reference (and the periodic refresh) is answered: an "
+                    f"I-frame (keyframe) or intra refresh, a band of rows a frame (default {DEFAULT_RECOVERY})")
     ap.add_argument("--intra-only", action="store_true",
                     help="code every frame alone (no P-frames: ~3x the rate, for comparison)")
     ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
@@ -417,7 +427,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
                 quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
-                inter=not args.intra_only, kbps=args.kbps or None)
+                inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

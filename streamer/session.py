@@ -36,7 +36,10 @@ from .codec.residual import residuals
 from .errors import ConfigError
 
 DEFAULT_KEYFRAME_INTERVAL = 300  # frames (10 s at 30 fps): bounds how long any mismatch can last
-DEFAULT_DECISION_THRESHOLD = 0.8  # P-frames keep the reference's code within this many steps (decision.py)
+RECOVERIES = ("keyframe", "refresh")
+DEFAULT_RECOVERY = "keyframe"
+DEFAULT_REFRESH_FRAMES = 7  # a 224 frame's 28 latent rows, 4 a frame: whole again in 233 ms at 30 fps
+DEFAULT_DECISION_THRESHOLD = 0.8  # P-frames keep the reference's code within this many steps (measured: decision.py)
 
 
 class FrameType(enum.IntEnum):
@@ -63,16 +66,27 @@ class Candidate:
     q: Quantized
     packets: list[bytes]
     encode_ms: float
+    refresh_rows: tuple[int, int] | None = None  # the latent rows a refreshing P-frame sends intra
 
 
 class EncoderSession:
     def __init__(self, codec: NeuralCodec, *, max_packet_bytes: int | None = None, level: int | None = None,
                  keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None,
-                 decision_threshold: float | Sequence[float] | None = DEFAULT_DECISION_THRESHOLD) -> None:
+                 decision_threshold: float | Sequence[float] | None = DEFAULT_DECISION_THRESHOLD,
+                 recovery: str = DEFAULT_RECOVERY, refresh_frames: int = DEFAULT_REFRESH_FRAMES) -> None:
         """inter: code P-frames (default: when the model has residual tables).
         decision_threshold: a P-frame keeps the reference's code wherever the latent is within
         this many quantizer steps of it (`codec.decision.keep_reference`); one value for every
-        level or one per level; 0 or None: off (every code the nearest one)."""
+        level or one per level; 0 or None: off (every code the nearest one).
+        recovery: how a broken reference at the receiver (`request_keyframe`) and the periodic
+        refresh (`keyframe_interval`) are answered: "keyframe", an I-frame; "refresh", intra
+        refresh, a band of latent rows sent intra in each of the next `refresh_frames` P-frames
+        (no I-frame's burst of bytes; the picture heals band by band)."""
+        if recovery not in RECOVERIES:
+            raise ConfigError(f"recovery must be one of {', '.join(RECOVERIES)}, got {recovery!r}")
+        if not (isinstance(refresh_frames, int) and 1 <= refresh_frames <= 255):
+            raise ConfigError(f"refresh_frames must be 1..255 frames, got {refresh_frames!r}")
+        self.recovery, self.refresh_frames = recovery, refresh_frames
         self.codec = codec
         self.decision_thresholds = _per_level(decision_threshold, codec.levels)
         self.max_packet_bytes = max_packet_bytes
@@ -84,17 +98,42 @@ class EncoderSession:
         self._since_keyframe = 0
         self.frames = {FrameType.INTRA: 0, FrameType.INTER: 0}  # committed frames of each type
         self.keyframe_requests = 0
+        self._recovery_started: int | None = None  # the frame of the last I-frame or refresh start
+        self._refresh_from: int | None = None  # a refresh runs: the next band's first latent row
+        self._refresh_requested = False
 
-    def request_keyframe(self) -> None:
-        """The next frame is an I-frame (the receiver's reference broke)."""
-        self._keyframe_requested = True
+    def request_keyframe(self, broken_at: int | None = None) -> bool:
+        """The receiver's reference broke at frame `broken_at` (None: unknown): the next frame
+        starts a recovery, an I-frame or a refresh. False, and nothing changes, when a recovery
+        begun after that frame is already on its way (the receiver asks until it is whole)."""
         self.keyframe_requests += 1
+        if broken_at is not None and self._recovery_started is not None and self._recovery_started > broken_at:
+            return False
+        if self.recovery == "refresh" and self.reference is not None:
+            self._refresh_requested = True
+        else:
+            self._keyframe_requested = True
+        return True
+
+    def _periodic_due(self) -> bool:
+        return bool(self.keyframe_interval) and self._since_keyframe >= self.keyframe_interval
 
     def next_frame_type(self) -> FrameType:
-        if (not self.inter or self.reference is None or self._keyframe_requested
-                or (self.keyframe_interval and self._since_keyframe >= self.keyframe_interval)):
+        if not self.inter or self.reference is None or self._keyframe_requested:
+            return FrameType.INTRA
+        if self._periodic_due() and self.recovery == "keyframe":
             return FrameType.INTRA
         return FrameType.INTER
+
+    def _refresh_rows(self) -> tuple[int, int] | None:
+        """The band of latent rows this P-frame sends intra, if a refresh runs or starts now."""
+        start = 0 if self._refresh_requested or (self._refresh_from is None and self._periodic_due()) \
+            else self._refresh_from
+        if start is None:
+            return None
+        height = self.reference.codes.shape[1] if self.reference is not None else 0
+        band = -(-height // self.refresh_frames)
+        return (start, min(height, start + band)) if start < height else None
 
     def encode(self, image: np.ndarray, frame_number: int, timestamp_us: int,
                level: int | None = None) -> Candidate:
@@ -112,26 +151,39 @@ class EncoderSession:
                                                     prediction, threshold))  # what is sent is the reference
             else:
                 q = self.codec.encode(image, level)
+            refresh = self._refresh_rows()
             packets = self.codec.pack_inter(q, residuals(q.codes, prediction), frame_number, timestamp_us,
-                                            self.max_packet_bytes)
+                                            self.max_packet_bytes, self.reference.frame_number, refresh)
         else:
             q = self.codec.encode(image, level)
             packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
-        return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000)
+            refresh = None
+        return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000,
+                         refresh)
 
     def commit(self, candidate: Candidate) -> None:
         """The candidate was sent: it is the reference now (both ends rebuild the same codes)."""
         self.reference = Reference(candidate.frame_number, candidate.q.codes, candidate.q.level)
         self.frames[candidate.frame_type] += 1
         if candidate.frame_type == FrameType.INTRA:
-            self._keyframe_requested = False
+            self._keyframe_requested = self._refresh_requested = False
+            self._refresh_from = None
             self._since_keyframe = 0
+            self._recovery_started = candidate.frame_number
+        elif candidate.refresh_rows is not None:
+            start, stop = candidate.refresh_rows
+            if start == 0:  # a refresh began with this frame
+                self._refresh_requested = False
+                self._since_keyframe = 0
+                self._recovery_started = candidate.frame_number
+            self._refresh_from = stop if stop < candidate.q.codes.shape[1] else None
         self._since_keyframe += 1
 
     def reset(self) -> None:
         """A new call: no reference, so the next frame is an I-frame."""
         self.reference = None
-        self._keyframe_requested = False
+        self._keyframe_requested = self._refresh_requested = False
+        self._refresh_from = self._recovery_started = None
         self._since_keyframe = 0
 
 

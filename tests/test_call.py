@@ -94,8 +94,7 @@ def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
                                         tx.obj.codec.model_id, 10**6, 0, 1160)[0]
             flipped = bytearray(good)
             flipped[100] ^= 1
-            foreign = bytearray(good)
-            foreign[10:14] = b"\x01\x02\x03\x04"
+            foreign = bitstream.rewrite_header(good, model_id=0x01020304)  # another model's, valid CRC
             bad = [bytes(flipped), good[:50], good[:-1], b"hello", bytes(foreign), "text message"]
             for b in bad:
                 tx.obj.channel.channel.send(b)

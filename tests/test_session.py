@@ -97,14 +97,17 @@ def deliver(asm: FrameAssembler, packets: list[bytes], lose: set[int]) -> list:
     return out
 
 
+@pytest.mark.parametrize("recovery", ["keyframe", "refresh"])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 4)), min_size=8, max_size=16))
-def test_references_stay_in_lock_step_or_the_receiver_knows_and_recovers(codec, frames, pattern):
+@given(pattern=st.lists(st.tuples(st.booleans(), st.integers(0, 4)), min_size=8, max_size=16))
+def test_references_stay_in_lock_step_or_the_receiver_knows_and_recovers(codec, frames, recovery, pattern):
     """pattern: per frame (drop the whole frame?, which slice to lose: 0 = none). After every
     frame the receiver's codes equal the sender's reference, or it knows they do not; when it
-    knows, its keyframe request reaches the sender and the first I-frame that gets through puts
-    them back in step."""
-    s, asm = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0), FrameAssembler(codec)
+    knows, its recovery request (naming the frame its reference broke at) reaches the sender,
+    and the first I-frame, or the first whole intra refresh, that gets through puts them back in
+    step."""
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0, recovery=recovery)
+    asm = FrameAssembler(codec)
     for n, (drop_frame, lose_slice) in enumerate(pattern):
         cand = s.encode(frames[n % len(frames)], n, n * 33_333)
         s.commit(cand)  # the sender sent it; the network may still lose it
@@ -115,12 +118,14 @@ def test_references_stay_in_lock_step_or_the_receiver_knows_and_recovers(codec, 
         knows = asm.needs_keyframe or shown is None or shown.frame_number != n
         assert in_step or knows, (n, lose, cand.frame_type)
         if asm.needs_keyframe:
-            s.request_keyframe()
+            s.request_keyframe(asm.broken_at)
     # a loss-free tail: a loss the receiver learns of only now (a whole last frame) is asked
-    # for, the I-frame answers it, and within three frames everything is back in step
-    for n in range(len(pattern), len(pattern) + 3):
+    # for, the I-frame (or the refresh) answers it, and within three frames (three more than a
+    # refresh takes) everything is back in step
+    tail = 3 + (s.refresh_frames if recovery == "refresh" else 0)
+    for n in range(len(pattern), len(pattern) + tail):
         if asm.needs_keyframe:
-            s.request_keyframe()
+            s.request_keyframe(asm.broken_at)
         cand = s.encode(frames[n % len(frames)], n, n * 33_333)
         s.commit(cand)
         shown = deliver(asm, cand.packets, set())[-1]
@@ -148,6 +153,54 @@ def test_a_lost_slice_breaks_the_reference_and_the_next_i_frame_restores_it(code
     assert np.array_equal(shown.codes, cand.q.codes) and not asm.needs_keyframe
     cand = s.encode(frames[5], 5, 5 * 33_333)
     assert cand.frame_type == FrameType.INTER  # and P-frames go on from there
+
+
+def test_a_refresh_heals_the_reference_band_by_band_without_an_i_frame(codec, frames):
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0, recovery="refresh", refresh_frames=7)
+    asm = FrameAssembler(codec)
+    for n in range(3):
+        cand = s.encode(frames[n], n, n * 33_333)
+        s.commit(cand)
+        deliver(asm, cand.packets, set())
+    cand = s.encode(frames[3], 3, 3 * 33_333, level=0)  # fine level: several slices
+    s.commit(cand)
+    deliver(asm, cand.packets, {0})  # the top rows are lost
+    assert asm.needs_keyframe and asm.broken_at == 3
+    assert s.request_keyframe(asm.broken_at)
+    sizes, types = [], []
+    for n in range(4, 4 + s.refresh_frames):
+        if asm.needs_keyframe and n > 4:  # it asks again while the refresh runs: already answered
+            assert not s.request_keyframe(asm.broken_at)
+        cand = s.encode(frames[n], n, n * 33_333)
+        s.commit(cand)
+        (shown,) = deliver(asm, cand.packets, set())
+        types.append(cand.frame_type)
+        sizes.append(sum(map(len, cand.packets)))
+        bands = [bitstream.header_fields(p) for p in cand.packets]
+        assert any(b["frame_type"] == bitstream.FRAME_INTRA for b in bands)  # this frame's band
+    assert types == [FrameType.INTER] * s.refresh_frames  # never a whole I-frame
+    assert shown.reference_ok and not asm.needs_keyframe and np.array_equal(shown.codes, cand.q.codes)
+    # a refresh frame costs far less than an I-frame would
+    intra = sum(map(len, codec.pack(codec.encode(frames[5], 3), 5, 0, SLICE)))
+    assert max(sizes) < 0.6 * intra, (sizes, intra)
+    # a new break after the refresh began starts another one
+    cand = s.encode(frames[12], 12, 12 * 33_333)
+    s.commit(cand)
+    assert s.request_keyframe(12)
+
+
+def test_a_request_for_a_break_the_last_i_frame_answered_is_not_answered_again(codec, frames):
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0)
+    for n in range(3):
+        s.commit(s.encode(frames[n], n, n * 33_333))
+    assert s.request_keyframe(1)
+    cand = s.encode(frames[3], 3, 3 * 33_333)
+    assert cand.frame_type == FrameType.INTRA
+    s.commit(cand)
+    assert not s.request_keyframe(1) and not s.request_keyframe(2)  # the I-frame at 3 answers them
+    assert s.next_frame_type() == FrameType.INTER
+    assert s.request_keyframe(3)  # a break at the I-frame itself (it was lost) is answered
+    assert s.next_frame_type() == FrameType.INTRA
 
 
 def test_a_dropped_candidate_is_not_the_reference(codec, frames):

@@ -136,9 +136,11 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
         "dropped_at_sender": sender.get("dropped"), "capture_dropped": sender.get("capture_dropped"),
         "bad_packets": receiver.get("bad_packets"), "late_slices": receiver.get("late"),
         "verified_bit_exact": receiver.get("verified"), "mismatched": receiver.get("mismatched"),
+        "shown_known_broken": receiver.get("known_broken"),
         "longest_freeze_ms": round(max(gaps, default=0), 1),
         "i_frames": sender.get("i_frames"), "p_frames": sender.get("p_frames"),
         "keyframe_requests": sender.get("keyframe_requests"), "target_kbps": sender.get("target_kbps"),
+        "recovery": sender.get("recovery"), "refresh_frames": sender.get("refresh_frames"),
     }
     hist = [h for h in sender.get("history", []) if h.get("fps", 0) > 0]
     if hist:
@@ -312,6 +314,8 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
             send += ["--kbps", str(args.kbps)]
         if args.level is not None:
             send += ["--level", str(args.level)]
+        if args.recovery is not None:
+            send += ["--recovery", args.recovery]
         if loss > 0:
             send += ["--simulate-loss", str(loss), "--loss-seconds", str(loss_s)]
         if measure:
@@ -360,7 +364,7 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
     result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
                         "loss": loss, "loss_seconds": loss_s if loss > 0 else 0, "weights": args.weights,
                         "backend": args.backend, "threads": args.threads, "rto_min": args.rto_min,
-                        "kbps": args.kbps, "level": args.level, "measure": measure, "model": sender.get("model")}
+                        "kbps": args.kbps, "level": args.level, "recovery": args.recovery, "measure": measure, "model": sender.get("model")}
     psnrs = [float(e["psnr"]) for e in events if "psnr" in e]
     if psnrs:  # the measured PSNR of the exact frames shown (the receiver's per-second stats, pooled)
         result["psnr_shown_exact"] = round(sum(psnrs) / len(psnrs), 3)
@@ -633,6 +637,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--kbps", type=float, default=None, help="the sender's bitrate target (default: its own, 300)")
     ap.add_argument("--level", type=int, default=None, help="a fixed quantizer level instead of --kbps")
+    ap.add_argument("--recovery", choices=("keyframe", "refresh"), default=None,
+                    help="the sender's answer to a broken reference (default: its own)")
     ap.add_argument("--weights", default="default")
     ap.add_argument("--backend", choices=CHOICES, default="eager",
                     help="sender and receiver backend (int8 adds ~20 s of start-up compilation)")

@@ -264,8 +264,10 @@ def rows_per_slice(q_shape: tuple[int, int, int], bits: int, quant_mode: str,
 
 
 def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int,
-               max_packet_bytes: int | None = None, coder: EntropyCoder | None = None) -> list[bytes]:
-    """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`.
+               max_packet_bytes: int | None = None, coder: EntropyCoder | None = None,
+               rows: tuple[int, int] | None = None) -> list[bytes]:
+    """A quantized frame as packets: one, or slices that each fit `max_packet_bytes`; `rows`
+    (start, stop): only that band of latent rows (the intra band of a refreshing P-frame).
 
     With a `coder`, slices are range-coded and sized by their estimated coded size (so a slice
     holds more rows than raw codes would); a slice whose range-coded payload is not smaller than
@@ -284,17 +286,20 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
         return [pack(header(s, min(rows, stop - s)), q.codes[:, s:s + min(rows, stop - s)], q.lo, q.hi)
                 for s in range(start, stop, rows)]
 
+    first, stop = (0, height) if rows is None else rows
+    if not 0 <= first < stop <= height:
+        raise ValueError(f"rows {rows} outside a frame of {height} latent rows")
     if coder is None:
-        return raw_slices(0, height)
+        return raw_slices(first, stop)
     limit = MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
     room = limit - OVERHEAD_BYTES - side_bytes(q.mode, channels)
     row_bytes = coder.estimate_bits(q.codes, q.level) / 8 if max_packet_bytes is not None else None
     packets: list[bytes] = []
-    start = 0
-    while start < height:
-        count = min(height - start, max(1, MAX_DECODE_CODES // (channels * width)))  # what a receiver decodes
+    start = first
+    while start < stop:
+        count = min(stop - start, max(1, MAX_DECODE_CODES // (channels * width)))  # what a receiver decodes
         if row_bytes is not None:  # as many rows as the estimate fits, with 2 % + a word to spare
-            fits = np.cumsum(row_bytes[start:]) * 1.02 + 8 <= room
+            fits = np.cumsum(row_bytes[start:stop]) * 1.02 + 8 <= room
             count = max(1, min(count, int(fits.sum())))
         codes = q.codes[:, start:start + count]
         ranged = pack(header(start, count, CODING_RANGE), codes, q.lo, q.hi, coder, check_size=False)
@@ -309,12 +314,15 @@ def pack_frame(q: Quantized, model_id: int, frame_number: int, timestamp_us: int
 
 def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_number: int, timestamp_us: int,
                      max_packet_bytes: int | None, residual_coder: ResidualCoder,
-                     ref_frame_number: int | None = None) -> list[bytes]:
+                     ref_frame_number: int | None = None, coder: EntropyCoder | None = None,
+                     intra_rows: tuple[int, int] | None = None) -> list[bytes]:
     """A P-frame as packets: `residual` (C, H, W) int16 = q.codes - the prediction from the
     reference, frame `ref_frame_number` (default: the frame before this one), which each inter
-    slice names so the receiver applies it only to that frame. Slices of residuals sized by their estimated coded size; a band whose residuals
-    would not code smaller than its raw codes (a scene cut, a face turning) is sent as intra
-    slices of its raw codes instead, which decode without the reference."""
+    slice names so the receiver applies it only to that frame. Slices of residuals sized by
+    their estimated coded size; a band whose residuals would not code smaller than its raw codes
+    (a scene cut, a face turning) is sent as intra slices of its raw codes instead, which decode
+    without the reference. `intra_rows` (start, stop): a band sent as intra slices whatever it
+    costs, range-coded with `coder` (intra refresh: the receiver's reference heals there)."""
     channels, height, width = q.codes.shape
     distance = 1 if ref_frame_number is None else frame_number - ref_frame_number
     if not 1 <= distance <= 255:
@@ -331,9 +339,15 @@ def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_nu
     room = limit - OVERHEAD_BYTES
     row_bytes = residual_coder.estimate_bits(residual, q.level) / 8
     packets: list[bytes] = []
+    a, b = intra_rows if intra_rows is not None else (height, height)
     start = 0
     while start < height:
-        count = min(height - start, max(1, MAX_DECODE_CODES // (channels * width)))
+        if start == a:  # the refresh band
+            packets += pack_frame(q, model_id, frame_number, timestamp_us, max_packet_bytes, coder, rows=(a, b))
+            start = b
+            continue
+        stop = a if start < a else height
+        count = min(stop - start, max(1, MAX_DECODE_CODES // (channels * width)))
         fits = np.cumsum(row_bytes[start:start + count]) * 1.02 + 8 <= room
         count = max(1, int(fits.sum()))
         band = slice(start, start + count)

@@ -182,13 +182,15 @@ class NeuralCodec:
                                     coder=self.entropy)
 
     def pack_inter(self, q: Quantized, res: np.ndarray, frame_number: int, timestamp_us: int,
-                   max_packet_bytes: int | None = None, ref_frame_number: int | None = None) -> list[bytes]:
+                   max_packet_bytes: int | None = None, ref_frame_number: int | None = None,
+                   intra_rows: tuple[int, int] | None = None) -> list[bytes]:
         """A P-frame's codes as packets of residuals `res` against its prediction from frame
-        `ref_frame_number` (default: the previous frame; session.py)."""
+        `ref_frame_number` (default: the previous frame; session.py); `intra_rows` (start, stop):
+        a band of latent rows sent intra (a refresh)."""
         if self.residual is None:
             raise ValueError("this model has no residual tables: it codes intra frames only")
         return bitstream.pack_inter_frame(q, res, self.model_id, frame_number, timestamp_us, max_packet_bytes,
-                                          self.residual, ref_frame_number)
+                                          self.residual, ref_frame_number, self.entropy, intra_rows)
 
     def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError;
