@@ -37,7 +37,7 @@ from .errors import ConfigError
 
 DEFAULT_KEYFRAME_INTERVAL = 300  # frames (10 s at 30 fps): bounds how long any mismatch can last
 RECOVERIES = ("keyframe", "refresh")
-DEFAULT_RECOVERY = "keyframe"
+DEFAULT_RECOVERY = "refresh"  # measured: bench call at 5 % and 20 % loss (README)
 DEFAULT_REFRESH_FRAMES = 7  # a 224 frame's 28 latent rows, 4 a frame: whole again in 233 ms at 30 fps
 DEFAULT_DECISION_THRESHOLD = 0.8  # P-frames keep the reference's code within this many steps (measured: decision.py)
 
@@ -145,13 +145,16 @@ class EncoderSession:
             assert self.reference is not None
             prediction = self.codec.quantizer.requantize(self.reference.codes, self.reference.level, level)
             threshold = self.decision_thresholds[level]
+            refresh = self._refresh_rows()
             if threshold and self.codec.cfg.quantizer.mode == "step":
                 latents, q = self.codec.encode_with_latents(image, level)
-                q = replace(q, codes=keep_reference(q.codes, unrounded_codes(self.codec.quantizer, latents, level),
-                                                    prediction, threshold))  # what is sent is the reference
+                codes = keep_reference(q.codes, unrounded_codes(self.codec.quantizer, latents, level),
+                                       prediction, threshold)
+                if refresh is not None:  # a refresh band goes intra: its nearest codes, not the reference's
+                    codes[:, refresh[0]:refresh[1]] = q.codes[:, refresh[0]:refresh[1]]
+                q = replace(q, codes=codes)  # what is sent is the reference
             else:
                 q = self.codec.encode(image, level)
-            refresh = self._refresh_rows()
             packets = self.codec.pack_inter(q, residuals(q.codes, prediction), frame_number, timestamp_us,
                                             self.max_packet_bytes, self.reference.frame_number, refresh)
         else:

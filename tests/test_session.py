@@ -134,7 +134,7 @@ def test_references_stay_in_lock_step_or_the_receiver_knows_and_recovers(codec, 
 
 
 def test_a_lost_slice_breaks_the_reference_and_the_next_i_frame_restores_it(codec, frames):
-    s, asm = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0), FrameAssembler(codec)
+    s, asm = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0, recovery="keyframe"), FrameAssembler(codec)
     for n in range(3):
         cand = s.encode(frames[n], n, n * 33_333)
         s.commit(cand)
@@ -190,7 +190,7 @@ def test_a_refresh_heals_the_reference_band_by_band_without_an_i_frame(codec, fr
 
 
 def test_a_request_for_a_break_the_last_i_frame_answered_is_not_answered_again(codec, frames):
-    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0)
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=0, recovery="keyframe")
     for n in range(3):
         s.commit(s.encode(frames[n], n, n * 33_333))
     assert s.request_keyframe(1)
@@ -233,8 +233,21 @@ def test_an_inter_slice_naming_another_reference_breaks_ours(codec, frames):
         codec.pack_inter(cand.q, residual.residuals(cand.q.codes, cand.q.codes), 5, 0, SLICE, ref_frame_number=5)
 
 
+def test_periodic_refresh_without_i_frames(codec, frames):
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=10, recovery="refresh", refresh_frames=7)
+    types, starts = [], []
+    for n in range(22):
+        cand = s.encode(frames[n], n, n * 33_333)
+        s.commit(cand)
+        types.append(int(cand.frame_type))
+        starts.append(cand.refresh_rows[0] if cand.refresh_rows else None)
+    assert types == [0] + [1] * 21  # one I-frame, to start the call
+    assert [n for n, r in enumerate(starts) if r == 0] == [10, 20]  # a refresh every 10 frames
+    assert starts[10:17] == [0, 4, 8, 12, 16, 20, 24] and starts[17:20] == [None] * 3
+
+
 def test_keyframe_interval_forces_i_frames(codec, frames):
-    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=4)
+    s = EncoderSession(codec, max_packet_bytes=SLICE, keyframe_interval=4, recovery="keyframe")
     types = []
     for n in range(9):
         cand = s.encode(frames[n], n, n * 33_333)

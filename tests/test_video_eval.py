@@ -97,6 +97,29 @@ def test_anchor_options_are_a_calls():
     assert v["minrate"] == v["maxrate"] == "300k"  # min = max = bitrate: libvpx CBR
 
 
+# -- the call's sessions --------------------------------------------------------------------------
+
+def test_the_session_coder_skips_frames_as_the_sender_does_when_even_the_coarsest_level_is_over(codec):
+    """A target below what the coarsest level makes: the sender drops frames (the receiver shows
+    the last picture again), and so does the evaluation, so its rate is the call's."""
+    from streamer.sources import prepare
+    from streamer.video import SAMPLE_CLIP, read_frames
+
+    frames = [prepare(f, 224) for f in read_frames(SAMPLE_CLIP, 30)]
+    coder = V.SessionCoder(codec, 20.0, V.FPS)
+    sent = []
+    for f in frames:
+        pkts = coder.encode(f)
+        out = coder.decode(pkts)  # a skipped frame still shows a picture
+        assert out.shape == f.shape
+        sent.append(sum(map(len, pkts)))
+    skipped = sum(1 for b in sent if b == 0)
+    assert sent[0] > 0 and skipped >= 5, sent
+    kbps = sum(sent) * 8 / (len(frames) / V.FPS) / 1000
+    every_frame_kbps = min(b for b in sent[1:] if b) * 8 * V.FPS / 1000  # the least sending all would cost
+    assert kbps < 0.6 * every_frame_kbps, (kbps, every_frame_kbps)
+
+
 # -- the neural intra coder -----------------------------------------------------------------------
 
 def test_neural_intra_slices_and_decodes(codec):

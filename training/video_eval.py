@@ -216,7 +216,7 @@ class SessionCoder:
 
         self.enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES, **session_options)
         self.dec = DecoderSession(codec)
-        self.fps, self.n = fps, 0
+        self.fps, self.n, self.t = fps, 0, 0  # frames sent, frames offered
         try:
             from streamer.ratecontrol import RateController  # type: ignore[import-not-found]
         except ImportError:
@@ -225,9 +225,13 @@ class SessionCoder:
             self.rc = RateController(target_kbps, fps, codec.levels)
 
     def encode(self, frame: np.ndarray) -> list[bytes]:
+        t = self.t / self.fps
+        self.t += 1
+        if self.rc is not None and self.n and self.rc.should_skip_frame():
+            self.rc.frame_dropped(t)  # as the sender does: even the coarsest level is over budget,
+            return []                 # so no packets; the receiver shows its last picture again
         ftype = self.enc.next_frame_type()
         level = None if self.rc is None else self.rc.level_for_next_frame(int(ftype))
-        t = self.n / self.fps
         cand = self.enc.encode(frame, self.n, int(t * 1e6), level=level)
         self.enc.commit(cand)
         if self.rc is not None:
