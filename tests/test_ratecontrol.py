@@ -1,5 +1,6 @@
-"""Rate control on recorded-style traces of frame sizes: target held, live changes, congestion
-feedback, bounded level moves, saturation at the ladder's ends."""
+"""Rate control on recorded-style traces of frame sizes and on a recorded one (the sample clip's
+real packets, tests/rate_trace.py): target held, live changes, congestion feedback, bounded level
+moves, saturation at the ladder's ends."""
 
 import itertools
 import json
@@ -298,3 +299,36 @@ def test_bad_reports_are_config_errors():
         rc.channel_feedback(1.5)
     with pytest.raises(ValueError):
         rc.level_for_next_frame(7)  # not a frame type
+
+
+# -- a recorded trace: the sample clip's real frame sizes at every level (tests/rate_trace.py) ----
+
+class RecordedTrace:
+    """20 s of the recorded clip: its I-frame, then its P-frames forwards and backwards (the clip
+    is 2.5 s; played back and forth, so no cut at the loop), each level's real bytes."""
+
+    def __init__(self, seconds: float = 20) -> None:
+        from rate_trace import TRACE
+
+        assert TRACE.exists(), f"{TRACE} is missing: run python tests/rate_trace.py"  # never written here
+        self.sizes = json.loads(TRACE.read_text())["bytes"]
+        self.n = int(seconds * FPS)
+        inter = list(range(1, len(self.sizes[0])))
+        cycle = inter + inter[-2:0:-1]
+        self.index = [0] + [cycle[i % len(cycle)] for i in range(self.n - 1)]
+        self.frames = [(FrameType.INTRA if i == 0 else FrameType.INTER, 1.0) for i in range(self.n)]
+
+    def bytes(self, i: int, level: int) -> int:
+        return self.sizes[level][self.index[i]]
+
+
+@pytest.mark.parametrize("target", [150, 300, 500])
+def test_holds_target_on_the_recorded_trace(target):
+    trace = RecordedTrace()
+    rc = RateController(target, FPS, len(trace.sizes), start_level=len(trace.sizes) - 2)
+    buffers = []
+    log = play(rc, trace, on_frame=lambda rc, i, t: buffers.append(rc.buffer_ms))
+    achieved = kbps(log, t0=2.0)  # after the I-frame has been repaid
+    assert abs(achieved / target - 1) <= 0.10, (target, achieved)
+    assert sorted(buffers)[len(buffers) // 2] < 250
+    assert rc.saturation == Saturation.NONE
