@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from .errors import ConfigError, StreamerError
-from .transport import DEFAULT_RTO_MIN_S
+from .transport import DEFAULT_RTO_MIN_S, TURN_CREDENTIAL_ENV, ice_servers
 
 if TYPE_CHECKING:
     from .codec import NeuralCodec
@@ -34,7 +34,8 @@ SHUTDOWN_STEP_S = 1.0  # the longest any one shutdown step may take
 # -- options -------------------------------------------------------------------------------
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """Options both ends take: server, room, token, join URL, weights, backend, ICE, threads."""
+    """Options both ends take: server, room, token, join URL, weights, backend, ICE (host
+    addresses, STUN, TURN), threads."""
     ap.add_argument("--server", help="call server websocket, e.g. ws://127.0.0.1:8765/ws (default: that)")
     ap.add_argument("--room", help="room name")
     ap.add_argument("--token", help="the token of this end's role (the server prints one join URL per role)")
@@ -49,7 +50,16 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                     help="gather ICE host candidates on exactly this address (repeatable; "
                     "e.g. 127.0.0.1 for a loopback call; default: every interface)")
     ap.add_argument("--stun", action="append", default=[], metavar="URL",
-                    help="a STUN server (repeatable; default none: no traffic leaves for one)")
+                    help="a STUN server, stun:HOST[:PORT] (aiortc uses the first; default none: "
+                    "no traffic leaves for one)")
+    ap.add_argument("--turn", metavar="URL",
+                    help="a TURN relay for peers no direct path joins (NAT on both sides, UDP blocked): "
+                    "turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT] (default port 3478 / 5349); "
+                    "needs --turn-user and --turn-credential")
+    ap.add_argument("--turn-user", metavar="NAME", help="the TURN server's username")
+    ap.add_argument("--turn-credential", metavar="SECRET",
+                    help=f"the TURN server's password (default: ${TURN_CREDENTIAL_ENV}, which keeps it off "
+                    "the command line and out of the process list)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a small shared CPU, intra-op threads "
                     "fight the other end of the call and get slower, not faster)")
@@ -74,6 +84,21 @@ def check_common_args(args: argparse.Namespace) -> None:
     require(0 < args.sctp_rto_min <= 60, f"--sctp-rto-min must be in (0, 60] seconds, got {args.sctp_rto_min:g}")
     if args.summary:
         check_writable(args.summary, "--summary")
+    check_ice_servers(args)
+
+
+def check_ice_servers(args: argparse.Namespace) -> None:
+    """Validate --stun / --turn / --turn-user / --turn-credential (the credential may come from
+    $STREAMER_TURN_CREDENTIAL) and set `args.ice_servers`, the RTCIceServer list. `args.stun`
+    is replaced by the same list: the programs hand `args.stun` to
+    `transport.create_peer_connection`, which takes URLs or RTCIceServer objects."""
+    if getattr(args, "ice_servers", None) is not None:  # already checked (a program checks twice)
+        return
+    credential = args.turn_credential or os.environ.get(TURN_CREDENTIAL_ENV) or None
+    if not args.turn:
+        credential = args.turn_credential  # an exported variable alone asks for nothing
+    args.ice_servers = ice_servers(args.stun or (), args.turn, args.turn_user, credential)
+    args.stun = list(args.ice_servers)
 
 
 def check_writable(path: str | Path, option: str) -> None:

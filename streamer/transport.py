@@ -24,7 +24,9 @@ module-level `aioice.ice.get_host_addresses(use_ipv4, use_ipv6)`; it is wrapped 
 function that returns a context variable's addresses when set and defers to the original
 otherwise, so concurrent peer connections in one process are unaffected by each other. No STUN
 server is configured unless asked (`RTCConfiguration(iceServers=[])`): aiortc's default would
-contact stun.l.google.com.
+contact stun.l.google.com. `ice_servers` builds the asked ones: STUN URLs, and one TURN server
+(`RTCIceServer(urls, username, credential)`) for peers that no direct path joins; every URL is
+checked first, since aiortc silently skips one it cannot use.
 
 Loss simulation (`LossInjector`, for the bench and tests): the sender's RTCDtlsTransport
 `_send_data` — the point where an SCTP packet is handed to DTLS/ICE/UDP — is wrapped to drop
@@ -136,9 +138,69 @@ def filter_remote_candidates(sdp: str, addresses: Sequence[str] | None) -> str:
 
 # -- peer connection -----------------------------------------------------------------------
 
-def create_peer_connection(stun: Sequence[str] = ()) -> RTCPeerConnection:
-    """A peer connection with no STUN/TURN unless given (offline and loopback calls need none)."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in stun]))
+# aiortc's own pattern takes a host without ':' (no bracketed IPv6 literal)
+_ICE_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<host>[^?:/\[\]]+)"
+                      r"(?::(?P<port>[^?]*))?(?:\?(?P<query>.*))?$")
+TURN_CREDENTIAL_ENV = "STREAMER_TURN_CREDENTIAL"
+
+
+def check_ice_url(url: str, option: str, schemes: Sequence[str]) -> dict[str, Any]:
+    """Parse a STUN/TURN URL as aiortc will (RFC 7064/7065: scheme:host[:port][?transport=udp|tcp]);
+    ConfigError with one line saying what is wrong. aiortc itself would skip a TURN URL it
+    does not like without a word, and the call would then fail to connect behind NAT."""
+    example = {"stun": "stun:stun.example.org:3478", "turn": "turn:turn.example.org:3478?transport=udp"}[schemes[0][:4]]
+    m = _ICE_URL.match(url.strip())
+    if not m:
+        raise ConfigError(f"{option} {url!r} is not a {schemes[0].upper()} URL (e.g. {example})")
+    scheme = m["scheme"].lower()
+    if scheme not in schemes:
+        raise ConfigError(f"{option} {url!r}: the scheme must be {' or '.join(s + ':' for s in schemes)}, "
+                          f"got {scheme}: (e.g. {example})")
+    port = m["port"]
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"{option} {url!r}: the port must be a number in 1..65535, got {port!r}")
+    transport = None
+    if m["query"] is not None:
+        if scheme.startswith("stun"):
+            raise ConfigError(f"{option} {url!r}: a STUN URL takes no ?transport= (e.g. {example})")
+        key, _, transport = m["query"].partition("=")
+        allowed = ("tcp",) if scheme == "turns" else ("udp", "tcp")
+        if key != "transport" or transport not in allowed:
+            raise ConfigError(f"{option} {url!r}: the only query is ?transport={'|'.join(allowed)}, "
+                              f"got ?{m['query']}")
+    return {"scheme": scheme, "host": m["host"], "port": int(port) if port else None, "transport": transport}
+
+
+def ice_servers(stun: Sequence[str] = (), turn: str | None = None, username: str | None = None,
+                credential: str | None = None) -> list[RTCIceServer]:
+    """The peer connection's ICE servers: each STUN URL, and the TURN server with its username
+    and credential (validated: ConfigError). aiortc uses the first STUN and the first TURN
+    server only."""
+    servers = []
+    for url in stun:
+        check_ice_url(url, "--stun", ("stun", "stuns"))
+        servers.append(RTCIceServer(urls=url.strip()))
+    if turn:
+        check_ice_url(turn, "--turn", ("turn", "turns"))
+        if not username:
+            raise ConfigError(f"--turn {turn!r} needs --turn-user (the TURN server's username)")
+        if not credential:
+            raise ConfigError(f"--turn {turn!r} needs --turn-credential or ${TURN_CREDENTIAL_ENV} "
+                              "(the TURN server's password)")
+        servers.append(RTCIceServer(urls=turn.strip(), username=username, credential=credential))
+    elif username or credential:
+        raise ConfigError("--turn-user / --turn-credential given without --turn turn:HOST:PORT")
+    return servers
+
+
+def create_peer_connection(stun: Sequence[str | RTCIceServer] = ()) -> RTCPeerConnection:
+    """A peer connection with no STUN/TURN unless given (offline and loopback calls need none):
+    `stun` holds STUN URLs and/or RTCIceServer objects (`ice_servers`, e.g. a TURN server)."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=ice_configuration(stun)))
+
+
+def ice_configuration(servers: Sequence[str | RTCIceServer]) -> list[RTCIceServer]:
+    return [s if isinstance(s, RTCIceServer) else RTCIceServer(urls=s) for s in servers]
 
 
 async def make_offer(pc: RTCPeerConnection, ice_addresses: Sequence[str] | None = None) -> dict[str, str]:
@@ -274,4 +336,5 @@ def tune_sctp(rto_min_s: float | None) -> None:
 
 __all__ = ["TRANSPORTS", "SLICE_BYTES", "TransportConfig", "ChannelSender", "LossInjector", "create_channels",
            "create_peer_connection", "make_offer", "accept_offer", "accept_answer", "restrict_ice",
-           "filter_remote_candidates", "tune_sctp", "check_ice_addresses"]
+           "filter_remote_candidates", "tune_sctp", "check_ice_addresses", "check_ice_url", "ice_servers",
+           "TURN_CREDENTIAL_ENV"]

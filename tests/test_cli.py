@@ -184,3 +184,103 @@ def test_receiver_says_why_it_refuses_a_sender_of_another_size():
                 p.interrupt()
             for p in (tx, rx):
                 p.ended_within(3.0)
+
+
+# -- ICE servers: --stun, --turn, --turn-user, --turn-credential -------------------------------
+# Documentation addresses (RFC 5737) only: nothing here gathers candidates or contacts a server.
+
+TURN_MISTAKES = [
+    (["--turn", "stun:192.0.2.1:3478", "--turn-user", "u", "--turn-credential", "p"], "the scheme must be turn: or turns:"),
+    (["--turn", "http://192.0.2.1:3478", "--turn-user", "u", "--turn-credential", "p"], "is not a TURN URL"),
+    (["--turn", "turn:192.0.2.1:3478"], "needs --turn-user"),
+    (["--turn", "turn:192.0.2.1:3478", "--turn-user", "u"], "needs --turn-credential or $STREAMER_TURN_CREDENTIAL"),
+    (["--turn", "turn:192.0.2.1:0", "--turn-user", "u", "--turn-credential", "p"], "the port must be a number in 1..65535"),
+    (["--turn", "turn:192.0.2.1:70000", "--turn-user", "u", "--turn-credential", "p"], "the port must be"),
+    (["--turn", "turn:192.0.2.1:34x", "--turn-user", "u", "--turn-credential", "p"], "the port must be"),
+    (["--turn", "turn:192.0.2.1?transport=sctp", "--turn-user", "u", "--turn-credential", "p"], "?transport=udp|tcp"),
+    (["--turn", "turns:192.0.2.1?transport=udp", "--turn-user", "u", "--turn-credential", "p"], "?transport=tcp"),
+    (["--turn-user", "u"], "without --turn"),
+    (["--stun", "turn:192.0.2.1:3478"], "the scheme must be stun: or stuns:"),
+    (["--stun", "stun:192.0.2.1:port"], "the port must be"),
+]
+
+
+@pytest.mark.parametrize("module", ["streamer.send", "streamer.receive"])
+@pytest.mark.parametrize("argv,says", TURN_MISTAKES, ids=[" ".join(a) for a, _ in TURN_MISTAKES])
+def test_a_bad_ice_server_is_one_line_and_exit_2_before_connecting(module, argv, says, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.delenv("STREAMER_TURN_CREDENTIAL", raising=False)
+    code = importlib.import_module(module).main([*NOWHERE, *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
+    assert "cannot reach the call server" not in lines[0]
+    assert "--turn-credential" not in argv or "'p'" not in lines[0]  # the secret is never echoed
+
+
+def common_args(argv: list[str]):
+    import argparse
+
+    from streamer import cli
+
+    ap = argparse.ArgumentParser()
+    cli.add_common_args(ap)
+    args = ap.parse_args(argv)
+    cli.check_common_args(args)
+    return args
+
+
+def test_turn_reaches_the_peer_connections_configuration(monkeypatch):
+    """--turn with user and credential (the credential from the environment) becomes an
+    RTCIceServer beside the STUN one, and aiortc's ICE layer reads it as its TURN server."""
+    from aiortc import RTCIceServer
+    from aiortc.rtcicetransport import connection_kwargs
+
+    from streamer import transport as T
+
+    monkeypatch.setenv("STREAMER_TURN_CREDENTIAL", "s3cret")
+    args = common_args(["--stun", "stun:192.0.2.1:3478", "--turn", "turn:192.0.2.2:3479?transport=tcp",
+                        "--turn-user", "alice"])
+    assert args.ice_servers == [RTCIceServer(urls="stun:192.0.2.1:3478"),
+                                RTCIceServer(urls="turn:192.0.2.2:3479?transport=tcp", username="alice",
+                                             credential="s3cret")]
+    pc = T.create_peer_connection(args.stun)  # what the programs hand it
+    try:
+        servers = pc._RTCPeerConnection__configuration.iceServers
+        assert servers == args.ice_servers
+        kw = connection_kwargs(servers)
+        assert kw["stun_server"] == ("192.0.2.1", 3478)
+        assert (kw["turn_server"], kw["turn_transport"], kw["turn_ssl"]) == (("192.0.2.2", 3479), "tcp", False)
+        assert (kw["turn_username"], kw["turn_password"]) == ("alice", "s3cret")
+    finally:
+        import asyncio
+
+        asyncio.run(pc.close())
+
+
+def test_turn_credential_on_the_command_line_wins_and_defaults_are_aiortcs(monkeypatch):
+    from aiortc.rtcicetransport import connection_kwargs
+
+    monkeypatch.setenv("STREAMER_TURN_CREDENTIAL", "from-env")
+    args = common_args(["--turn", "turn:192.0.2.2", "--turn-user", "bob", "--turn-credential", "from-cli"])
+    kw = connection_kwargs(args.ice_servers)
+    assert (kw["turn_server"], kw["turn_transport"], kw["turn_password"]) == (("192.0.2.2", 3478), "udp", "from-cli")
+    assert "stun_server" not in kw
+
+
+def test_no_ice_server_unless_asked(monkeypatch):
+    """The default stays offline: no STUN or TURN server, even with the credential exported."""
+    monkeypatch.setenv("STREAMER_TURN_CREDENTIAL", "s3cret")
+    args = common_args([])
+    assert args.ice_servers == [] and args.stun == []
+    from streamer import transport as T
+
+    pc = T.create_peer_connection(args.stun)
+    try:
+        assert pc._RTCPeerConnection__configuration.iceServers == []
+    finally:
+        import asyncio
+
+        asyncio.run(pc.close())
