@@ -1,0 +1,92 @@
+"""A call between two hosts: the server and the receiver in one network namespace, the sender
+in another, joined by a veth pair (`tests/netns.py`), so signaling (TCP) and the call (ICE over
+UDP) really cross a network link; and the same over a link with 40 ms delay and 2 % loss each
+way (netem, or the userspace bridge where the kernel has no netem). ICE gathers on the veth
+addresses only; nothing is sent anywhere but the other namespace. Run as the user does: the
+server's printed links, `python -m streamer.receive` / `streamer.send`, their --summary JSON.
+Skipped, with the reason, where namespaces cannot be made (not root, no `ip`, EPERM)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import netns
+from netns import PYTHON, hosts  # noqa: F401 - hosts is the fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+CALL_S = 10  # seconds of call after it opens (10 fps: ~100 frames)
+
+
+def call_across(link: netns.Link, tmp_path: Path) -> tuple[dict, dict]:
+    """Server + receiver on host a, sender on host b; CALL_S seconds of call; both summaries."""
+    links = netns.start_server(link.a, "netns")
+    assert links["sender"].startswith(f"http://{link.a.addr}:8765/"), links
+    rx = link.a.start([PYTHON, "-m", "streamer.receive", "--url", links["receiver"], "--ice-address", link.a.addr,
+                       "--summary", str(tmp_path / "rx.json")], "receive")
+    rx.wait_for("waiting for a sender", 120)
+    tx = link.b.start([PYTHON, "-m", "streamer.send", "--url", links["sender"], "--ice-address", link.b.addr,
+                       "--source", "synthetic", "--fps", "10", "--summary", str(tmp_path / "tx.json")], "send")
+    rx.wait_for("call open", 120)
+    time.sleep(CALL_S)
+    assert tx.stop(10) == 0, tx.describe()
+    assert rx.stop(10) == 0, rx.describe()
+    for p in (rx, tx):
+        assert "Traceback" not in "".join(p.err), p.describe()
+    return json.loads((tmp_path / "rx.json").read_text()), json.loads((tmp_path / "tx.json").read_text())
+
+
+def brief(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "history"}
+
+
+def test_netns_link_is_made_and_removed():
+    """The fixture's own promise: the namespaces exist inside the block, are gone after it,
+    also when the block fails."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    made = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with netns.two_hosts() as link:
+            made = list(link.namespaces)
+            listed = netns._ip("netns", "list").stdout
+            assert all(ns in listed for ns in made)
+            r = link.b.run(PYTHON, "-c", f"import socket; socket.create_connection(('{link.a.addr}', 9), 3)")
+            assert "Connection refused" in r.stderr  # b reaches a (nobody listens on 9): the link works
+            raise RuntimeError("failure inside the block")
+    listed = netns._ip("netns", "list").stdout
+    assert made and not any(ns in listed for ns in made), listed
+
+
+def test_call_across_two_namespaces(hosts, tmp_path):  # noqa: F811
+    rxs, txs = call_across(hosts, tmp_path)
+    print(f"receiver {brief(rxs)}; sender {brief(txs)}")
+    sent = txs["sent"]
+    assert sent >= 5 * CALL_S, txs
+    assert rxs["shown"] >= 0.8 * sent, (rxs, txs)
+    assert rxs["mismatched"] == 0 and rxs["verified"] >= 0.8 * rxs["shown"], rxs
+    assert rxs["latency_ms"]["p50"] > 0, rxs
+
+
+@pytest.mark.parametrize("hosts", [{"delay_ms": 40, "loss": 0.02}], indirect=True, ids=["delay40ms-loss2pct"])
+def test_call_across_a_delayed_lossy_link(hosts, tmp_path):  # noqa: F811
+    """40 ms and 2 % loss each way: most frames still shown, none taken for another, references
+    verified again after each loss; the delay shows in capture-to-display latency (both
+    namespaces share one clock)."""
+    rxs, txs = call_across(hosts, tmp_path)
+    stats = hosts.impairment_stats()
+    print(f"impairment {hosts.impairment}: {stats}; receiver {brief(rxs)}; sender {brief(txs)}")
+    assert stats["dropped"] > 0 and stats["passed"] > 100, (hosts.impairment, stats)  # the link really lost packets
+    sent = txs["sent"]
+    assert sent >= 5 * CALL_S, txs
+    assert rxs["shown"] >= 0.7 * sent, (rxs, txs)
+    # no frame is taken for the sender's when it is not; between losses the receiver's reference
+    # is proven bit-exact again (recovery works over a real link). Measured here (bridge, 10 fps):
+    # 85 of 87 shown, 30 verified, 45 shown on a reference known broken while it recovered.
+    assert rxs["mismatched"] == 0 and rxs["verified"] >= max(5, 0.15 * rxs["shown"]), rxs
+    assert rxs["verified"] + rxs["known_broken"] >= 0.85 * rxs["complete"], rxs  # meta may be lost too
+    assert rxs["latency_ms"]["p50"] >= 40, rxs["latency_ms"]  # the link's one-way delay is in it
