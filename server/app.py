@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 
 from . import protocol as P
 from . import tokens
-from .rooms import VIEWER_UPDATE_INTERVAL_S, Peer, Room
+from .rooms import CALL_ROLES, CALLER, JOIN_ROLES, MAX_CALLERS, VIEWER_UPDATE_INTERVAL_S, Peer, Room
 from .static import default_client_dir, serve_file
 
 log = logging.getLogger("server")
@@ -174,8 +174,8 @@ class CallServer:
         name = msg.get("name", "")
         if not isinstance(room_name, str) or not isinstance(token, str):
             raise Refusal(P.BAD_MESSAGE, "join needs string fields room and token")
-        if role not in P.ROLES:
-            raise Refusal(P.BAD_MESSAGE, f"role must be one of {', '.join(P.ROLES)}")
+        if role not in JOIN_ROLES:
+            raise Refusal(P.BAD_MESSAGE, f"role must be one of {', '.join(JOIN_ROLES)}")
         if not isinstance(name, str) or len(name) > 64:
             raise Refusal(P.BAD_MESSAGE, "name must be a string of at most 64 characters")
         room = self.rooms.get(room_name)
@@ -189,12 +189,18 @@ class CallServer:
             raise Refusal(P.BAD_TOKEN, BAD_TOKEN_MESSAGE)
         if role == "viewer" and len(room.viewers()) >= room.max_viewers:
             raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has {room.max_viewers} viewers")
+        if role == CALLER and len(room.callers()) >= MAX_CALLERS:
+            # (not a replacement: both callers hold the same token, so a newcomer cannot be told
+            # from a third person; a caller that restarts gets its seat back once its old socket
+            # is gone: at once after a clean exit, after the websocket ping timeout after a crash)
+            raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has its {MAX_CALLERS} callers: "
+                          "this call is full")
 
         peer = Peer(ws=ws, room=room, role=role, name=name,
                     may_camera=role == "viewer" and valid[1])
         if role == "viewer":
             _limit_send_buffer(ws)
-        if role in P.CALL_ROLES and (old := room.by_role(role)) is not None:
+        if role in P.CALL_ROLES and (old := room.by_role(role)) is not None:  # (callers: above)
             # A restarted sender/receiver must get back in at once: the newcomer wins (it holds
             # this role's token, so it is the same party).
             self._leave(old)
@@ -202,7 +208,7 @@ class CallServer:
             asyncio.ensure_future(old.ws.close(P.CLOSE_REPLACED, "replaced"))
             log.info("room %s: %s %s replaced by %s", room.name, role, old.peer_id, peer.peer_id)
         # Viewers learn who is in the call, not who else watches.
-        visible = room.peers.values() if role in P.CALL_ROLES else room.call_peers()
+        visible = room.peers.values() if role in CALL_ROLES else room.call_peers()
         others = [p.describe() for p in visible]
         room.peers[peer.peer_id] = peer
         peer.start_writer()
@@ -230,6 +236,8 @@ class CallServer:
             return  # already replaced or removed
         del room.peers[peer.peer_id]
         peer.outbox.close()
+        if peer.role == CALLER:
+            room.last_stats.pop(_stats_key(peer), None)
         if peer.role == "viewer":
             room.viewers_changed()
         else:
@@ -300,15 +308,18 @@ class CallServer:
             target.send_json({"type": "signal", "from": peer.peer_id, "data": data})
         elif kind == "stats":
             if peer.role == "viewer":
-                return self._error(peer, P.BAD_MESSAGE, "only the sender and receiver send stats")
+                return self._error(peer, P.BAD_MESSAGE, "only the peers of the call send stats")
             stats = msg.get("stats")
             if not isinstance(stats, dict):
                 return self._error(peer, P.BAD_MESSAGE, "stats needs an object stats")
-            text = json.dumps({"type": "stats", "from_role": peer.role, "stats": stats},
-                              separators=(",", ":"))
-            room.last_stats[peer.role] = text
-            for other in room.others(peer):  # viewers and the other call peer
-                other.outbox.put_latest(f"stats:{peer.role}", text)
+            out: dict[str, Any] = {"type": "stats", "from_role": peer.role, "stats": stats}
+            if peer.role == CALLER:  # two of them: say which
+                out["from"] = peer.peer_id
+            text = json.dumps(out, separators=(",", ":"))
+            key = _stats_key(peer)
+            room.last_stats[key] = text
+            for other in room.others(peer):  # viewers and the other call peer(s)
+                other.outbox.put_latest(f"stats:{key}", text)
         elif kind == "camera":
             if peer.role != "viewer":
                 return self._error(peer, P.BAD_MESSAGE, "only viewers offer their camera")
@@ -358,7 +369,8 @@ class CallServer:
             return self._error(peer, P.BAD_MESSAGE, why, about="set_bitrate")
         if (problem := P.bitrate_error(kbps)) is not None:
             return self._error(peer, P.BAD_MESSAGE, problem, about="set_bitrate")
-        sender = peer.room.by_role("sender")
+        # a caller asks the other caller (who sends it the picture); the others, the sender
+        sender = peer.room.other_caller(peer) if peer.role == CALLER else peer.room.by_role("sender")
         if sender is None:
             return peer.outbox.put_latest("bitrate", _bitrate_text(
                 False, None, "no sender in the call: nothing to set"))
@@ -370,7 +382,7 @@ class CallServer:
 
     def _bitrate_answer(self, peer: Peer, msg: dict[str, Any]) -> None:
         """The sender's answer to a set_bitrate, to the one who asked (latest-only)."""
-        if peer.role != "sender":
+        if peer.role not in ("sender", CALLER):
             return self._error(peer, P.BAD_MESSAGE, "only the sender answers set_bitrate")
         to, ok, target, text = (msg.get("to"), msg.get("ok"), msg.get("target_kbps"),
                                 msg.get("message", ""))
@@ -393,8 +405,11 @@ class CallServer:
         room = peer.room
         peer.received_frames += 1
         if kind == P.KIND_DECODED and peer.role == "receiver" or \
-                kind == P.KIND_ORIGINAL and peer.role == "sender":
-            slot = str(kind)
+                kind == P.KIND_ORIGINAL and peer.role == "sender" or \
+                kind in (P.KIND_DECODED, P.KIND_ORIGINAL) and peer.role == CALLER:
+            # a caller is both ends (it shows the other's picture and sends its own): one
+            # latest-only slot per caller, so one caller's pictures never replace the other's
+            slot = f"{kind}:{peer.peer_id}" if peer.role == CALLER else str(kind)
             for viewer in room.viewers():
                 viewer.outbox.put_latest(slot, message)
         elif kind == P.KIND_CAMERA and peer.role == "viewer":
@@ -450,9 +465,15 @@ def _camera_text(on: bool, owner: str, **extra: str) -> str:
 
 
 def _may_set_bitrate(peer: Peer) -> bool:
-    """The other end of the call and a page holding the camera link take part in the call and
-    may change its bitrate; the viewers' link only watches."""
-    return peer.role == "receiver" or peer.may_camera
+    """The other end of the call (the receiver, or a caller of a two-way call: it asks the
+    other caller) and a page holding the camera link take part in the call and may change its
+    bitrate; the viewers' link only watches."""
+    return peer.role in ("receiver", CALLER) or peer.may_camera
+
+
+def _stats_key(peer: Peer) -> str:
+    """Whose last stats a late viewer gets: per role, per caller for the two callers."""
+    return f"{CALLER}:{peer.peer_id}" if peer.role == CALLER else peer.role
 
 
 def _is_kbps_or_none(value: object) -> bool:
@@ -532,7 +553,8 @@ class RunningServer:
         return "ws" + self.http_url[4:] + P.WS_PATH
 
     def token(self, room: str, role: str = "viewer") -> str:
-        """The token of a credential of `room`: "sender", "receiver", "camera" or "viewer"."""
+        """The token of a credential of `room`: "caller", "sender", "receiver", "camera" or
+        "viewer"."""
         if role not in tokens.CREDENTIALS:
             raise ValueError(f"role must be one of {', '.join(tokens.CREDENTIALS)}, not {role!r}")
         return self.app.rooms[room].token(role)
@@ -541,7 +563,8 @@ class RunningServer:
         """The join URL of one credential of `room`. "viewer" (the default) is the link to
         share: a browser that opens it watches the call. "camera" is a viewer that may also feed
         the sender's `--source browser`; "sender" and "receiver" are for `streamer.send` /
-        `streamer.receive --url` and grant those seats."""
+        `streamer.receive --url` and grant those seats; "caller" is for `streamer.call --url`
+        (both people of a two-way call hold it: two seats)."""
         query = urlencode({"room": room, "token": self.token(room, role), "role": role})
         return f"{self.http_url}/?{query}"
 

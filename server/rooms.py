@@ -22,9 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 from . import tokens
-from .protocol import CALL_ROLES, CLOSE_POLICY
+from .protocol import CALL_ROLES as ONE_WAY_ROLES
+from .protocol import CLOSE_POLICY
+from .protocol import ROLES as ONE_WAY_JOIN_ROLES
 
 log = logging.getLogger("server.rooms")
+
+# A two-way call's seats (streamer.call): two peers of role "caller", both holding the room's
+# caller token; a third is refused (room_full). The first caller in the room offers.
+CALLER = "caller"
+MAX_CALLERS = 2
+# What a join may ask to be, and the roles that take part in the call (WebRTC, stats; viewers
+# only watch). "sender" and "receiver" are one peer each: a newcomer replaces the old one.
+JOIN_ROLES = ONE_WAY_JOIN_ROLES + (CALLER,)
+CALL_ROLES = ONE_WAY_ROLES + (CALLER,)
 
 CONTROL_QUEUE_LIMIT = 256  # control messages a peer may lag behind before it is dropped
 # What viewers cause at a call peer (camera state, the viewer list) is latest-only and at most
@@ -153,7 +164,8 @@ class Peer:
 
 
 class Room:
-    """A call: at most one sender, one receiver, and up to `max_viewers` viewers."""
+    """A call: at most one sender and one receiver (one way) or two callers (two-way), and up
+    to `max_viewers` viewers."""
 
     def __init__(self, name: str, secret: str, max_viewers: int = 64) -> None:
         self.name = name
@@ -165,7 +177,7 @@ class Room:
         self._viewers_text: str | None = None  # cached `viewers` message
 
     def token(self, role: str) -> str:
-        """The token of a credential ("sender", "receiver", "camera", "viewer")."""
+        """The token of a credential ("caller", "sender", "receiver", "camera", "viewer")."""
         return tokens.role_token(self.secret, self.name, role)
 
     def by_role(self, role: str) -> Peer | None:
@@ -173,6 +185,12 @@ class Room:
             if peer.role == role:
                 return peer
         return None
+
+    def callers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == CALLER]
+
+    def other_caller(self, peer: Peer) -> Peer | None:
+        return next((p for p in self.callers() if p is not peer), None)
 
     def viewers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "viewer"]

@@ -7,8 +7,9 @@ What a participant holds is the token of its role:
 
 so a viewer's token tells nothing about the sender's (HMAC is a pseudo-random function of the
 secret), and a server given the same secret prints the same links again after a restart. The
-label is generic ("<room>:<seat>"): a later two-way call can give each of its seats ("caller1",
-"caller2", ...) its own token the same way.
+label is generic ("<room>:<credential>"). A two-way call's two people hold the same "caller"
+token (one link to send the other person, as a meeting link): the room seats two callers and
+refuses a third (server.rooms.MAX_CALLERS).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import secrets
 
 TOKEN_HEX_DIGITS = 32  # 128 bits
 
-# The credentials a room hands out. "camera" is a viewer that may also feed the sender's
-# `--source browser` with its webcam; "viewer" only watches.
-CREDENTIALS = ("sender", "receiver", "camera", "viewer")
+# The credentials a room hands out. "caller" is a seat of a two-way call (streamer.call; two
+# per room); "sender"/"receiver" the one-way call's seats; "camera" is a viewer that may also
+# feed the sender's `--source browser` with its webcam; "viewer" only watches.
+CREDENTIALS = ("caller", "sender", "receiver", "camera", "viewer")
 
 
 def new_secret() -> str:

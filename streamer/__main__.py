@@ -3,6 +3,7 @@ project under one name, for an installed package as for a checkout.
 
     neural-call demo                      # a whole call on this machine, with its page
     neural-call serve --room demo         # the call server
+    neural-call join CALLER_LINK          # a two-way call: your camera to the other caller, theirs to you
     neural-call send --url SENDER_LINK    # this machine's camera end
     neural-call receive --url RECEIVER_LINK
     neural-call roundtrip | bench NAME | train | evaluate | tables
@@ -19,6 +20,7 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("streamer.demo", "a whole call on this machine: server, sender, receiver and the page's link"),
     "serve": ("server.__main__", "the call server (rooms, signaling, the browser page)"),
+    "join": ("streamer.call", "join a two-way call: neural-call join CALLER_LINK (sends and receives)"),
     "send": ("streamer.send", "the sending end of a call"),
     "receive": ("streamer.receive", "the receiving end of a call"),
     "roundtrip": ("streamer.roundtrip", "a clip through the codec without a network"),
@@ -28,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tables": ("training.tables", "refit the entropy tables of existing weights"),
 }
 # the call's ends leave without the interpreter's slow final garbage collection (cli.exit_now)
-FAST_EXIT = {"send", "receive"}
+FAST_EXIT = {"join", "send", "receive"}
 
 
 def usage() -> str:

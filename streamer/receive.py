@@ -97,11 +97,8 @@ class Receiver:
     # -- peer connection -------------------------------------------------------------------
     async def on_offer(self, sender_id: str, offer: dict[str, Any]) -> None:
         await self.close_call()
-        self.sender_id = sender_id
-        self.calls += 1
-        self._shown_at_call = self.shown
         pc = self.pc = T.create_peer_connection(self.stun)
-        self._parse_pool.submit(self.assembler.reset)
+        self.begin(sender_id)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -110,12 +107,7 @@ class Receiver:
 
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
-            if channel.label == T.LATENT_LABEL:
-                channel.on("message", self.on_packet)
-                self._announce_open(sender_id)
-            else:
-                self.meta_channel = channel
-                channel.on("message", self.on_meta)
+            self.attach(channel, channel.label == T.LATENT_LABEL)
 
         try:
             answer = await T.accept_offer(pc, offer, self.ice)
@@ -123,6 +115,24 @@ class Receiver:
             print(f"receive: could not answer the sender's offer: {e}", file=sys.stderr)
             return
         await self.sig.signal(sender_id, answer)
+
+    def begin(self, sender_id: str) -> None:
+        """A new call from `sender_id` (on our peer connection or a two-way call's shared one,
+        streamer.call): its first frame is an I-frame, so the assembler starts afresh."""
+        self.sender_id = sender_id
+        self.calls += 1
+        self._shown_at_call = self.shown
+        self._parse_pool.submit(self.assembler.reset)
+
+    def attach(self, channel: Any, latents: bool) -> None:
+        """Take this direction's latent channel (`latents`) or its meta channel (the sender's
+        CRCs come in on it, our recovery requests go back on it)."""
+        if latents:
+            channel.on("message", self.on_packet)
+            self._announce_open(str(self.sender_id))
+        else:
+            self.meta_channel = channel
+            channel.on("message", self.on_meta)
 
     def _announce_open(self, sender_id: str) -> None:
         self.open = True
@@ -352,10 +362,14 @@ class Receiver:
             await cli.bounded(self.sig.close())
             await cli.finish_tasks(tasks)
             await self.close_call()
-            if self._poll_handle is not None:
-                self._poll_handle.cancel()
-            self._parse_pool.shutdown(wait=False, cancel_futures=True)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.release()
+
+    def release(self) -> None:
+        """The threads and the assembler's timer, at the end (after the loops)."""
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+        self._parse_pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def summary(self) -> dict[str, Any]:
         n = self.assembler.n
@@ -413,13 +427,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     size = cli.check_frame_size(codec, args.size)
     sig = Signaling(server, room, token, "receiver", name="streamer.receive")
     await sig.connect()
-    loop = asyncio.get_running_loop()
-
-    def recording_failed(message: str) -> None:  # from the writer thread, at once
-        loop.call_soon_threadsafe(print, f"receive: {message}; the call goes on unrecorded", file=sys.stderr)
-
     try:
-        recorder = Recorder(args.record, args.fps, on_error=recording_failed) if args.record else None
+        recorder = open_recorder("receive", args.record, args.fps)
     except BaseException:
         await sig.close()
         raise
@@ -436,18 +445,37 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
         await rx.run(stop)
     finally:
         await cli.bounded(sig.close())
-        if recorder is not None:
-            await loop.run_in_executor(None, recorder.close)
-            if recorder.error:
-                rx.exit_code = 1
-                print(f"receive: {recorder.error} (recorded {recorder.written} frames before it failed)",
-                      file=sys.stderr, flush=True)
-            elif not args.quiet:
-                print(f"receive: recorded {recorder.written} frames to {args.record} ({recorder.codec_name})",
-                      flush=True)
+        if not await close_recorder("receive", recorder, args.record, args.quiet):
+            rx.exit_code = 1
         rx.frame_log.close()
     cli.report_end("receive", sig, stop, args.summary, rx.summary)
     return rx
+
+
+def open_recorder(prog: str, path: str | None, fps: float) -> Recorder | None:
+    """--record PATH's recorder (None without it); a failure later is said at once, from the
+    writer thread, and the call goes on."""
+    if not path:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def recording_failed(message: str) -> None:
+        loop.call_soon_threadsafe(print, f"{prog}: {message}; the call goes on unrecorded", file=sys.stderr)
+    return Recorder(path, fps, on_error=recording_failed)
+
+
+async def close_recorder(prog: str, recorder: Recorder | None, path: str | None, quiet: bool) -> bool:
+    """Finish the recording and say how it went; False when it failed (exit code 1)."""
+    if recorder is None:
+        return True
+    await asyncio.get_running_loop().run_in_executor(None, recorder.close)
+    if recorder.error:
+        print(f"{prog}: {recorder.error} (recorded {recorder.written} frames before it failed)",
+              file=sys.stderr, flush=True)
+        return False
+    if not quiet:
+        print(f"{prog}: recorded {recorder.written} frames to {path} ({recorder.codec_name})", flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,20 +84,7 @@ class Sender:
         await self.close_call()
         self.receiver_id = receiver_id
         pc = self.pc = T.create_peer_connection(self.stun)
-        latents, meta = T.create_channels(pc, self.cfg)
-        self.channel, self.meta = T.ChannelSender(latents, self.cfg.buffer_threshold), meta
-        self.session.reset()  # the receiver has no reference yet: the first frame is an I-frame
-        meta.on("message", self.on_meta)
-
-        @latents.on("open")
-        def on_open() -> None:
-            self.open_time = time.monotonic()
-            if self.loss > 0:
-                self.injector = T.LossInjector(pc, self.loss)
-                if self.loss_seconds > 0:
-                    asyncio.get_running_loop().call_later(self.loss_seconds, self._end_loss)
-            if not self.quiet:
-                print(f"send: call open with receiver {receiver_id} ({self.cfg.mode})", flush=True)
+        self.attach(pc, *T.create_channels(pc, self.cfg), receiver_id)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -109,6 +96,31 @@ class Sender:
 
         offer = await T.make_offer(pc, self.ice)
         await self.sig.signal(receiver_id, offer)
+
+    def attach(self, pc: Any, latents: Any, meta: Any, receiver_id: str) -> None:
+        """Send this direction's frames on `latents` and its side messages on `meta`, channels of
+        `pc` (ours, or a two-way call's shared one: streamer.call); the capture loop starts
+        sending once `latents` is open (at once if it already is)."""
+        self.channel, self.meta = T.ChannelSender(latents, self.cfg.buffer_threshold), meta
+        self.session.reset()  # the receiver has no reference yet: the first frame is an I-frame
+        meta.on("message", self.on_meta)
+
+        def on_open() -> None:
+            self.open_time = time.monotonic()
+            if self.loss > 0:
+                self.injector = T.LossInjector(pc, self.loss)
+                if self.loss_seconds > 0:
+                    asyncio.get_running_loop().call_later(self.loss_seconds, self._end_loss)
+            if not self.quiet:
+                print(f"send: call open with receiver {receiver_id} ({self.cfg.mode})", flush=True)
+        if latents.readyState == "open":  # an answerer's channel arrives open
+            on_open()
+        else:
+            latents.on("open", on_open)
+
+    def detach(self) -> None:
+        """Stop sending (the shared peer connection is closed by its owner)."""
+        self.channel, self.meta = None, None
 
     def _end_loss(self) -> None:
         if self.injector is not None:
@@ -320,9 +332,13 @@ class Sender:
             await cli.bounded(self.sig.close())
             await cli.finish_tasks(tasks)
             await self.close_call()
-            self.source.close()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._measure_pool.shutdown(wait=False, cancel_futures=True)
+            self.release()
+
+    def release(self) -> None:
+        """The source and the threads, at the end (after the loops)."""
+        self.source.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._measure_pool.shutdown(wait=False, cancel_futures=True)
 
     def summary(self) -> dict[str, Any]:
         return {"role": "sender", "sent": self.frame_number, "dropped": int(self.stats.totals.get("dropped", 0)),

@@ -14,6 +14,7 @@ Each role has its own token (docs/protocol.md, "Roles and tokens"): the server p
 URL per role, `http://HOST:PORT/?room=R&token=T&role=ROLE`, and the sender needs the sender's,
 the receiver the receiver's. `parse_join_url` keeps the URL's role on the token it returns
 (`JoinToken.role`), so a `Signaling` given the viewers' link as a sender says so before joining.
+A two-way call's two people both hold the `caller` link (role "caller", streamer.call).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
-URL_ROLES = ("sender", "receiver", "camera", "viewer")  # the links the server prints
-# The join role each link's token is for ("camera" is a viewer that may feed the sender).
-_JOIN_ROLE = {"sender": "sender", "receiver": "receiver", "camera": "viewer", "viewer": "viewer"}
+URL_ROLES = ("caller", "sender", "receiver", "camera", "viewer")  # the links the server prints
+# The join role each link's token is for ("camera" is a viewer that may feed the sender;
+# "caller" is either seat of a two-way call, streamer.call).
+_JOIN_ROLE = {"caller": "caller", "sender": "sender", "receiver": "receiver", "camera": "viewer",
+              "viewer": "viewer"}
 
 
 class JoinToken(str):
@@ -183,8 +186,9 @@ class Signaling:
         return reply
 
     def peer_with_role(self, role: str) -> str | None:
+        """The first peer of `role` other than ourselves (None: there is none)."""
         for p in self.peers:
-            if p.get("role") == role:
+            if p.get("role") == role and p.get("peer_id") != self.peer_id:
                 return p.get("peer_id")
         return None
 

@@ -43,6 +43,11 @@ loaded to measure most frames fails windows as too_few_measured, never passes th
 asks for recovery_ms <= 1000 and freeze_after_loss_ms <= 200 (the "issue13" flags).
 
     python -m streamer.bench call --seconds 20 [--loss 0.05] [--no-baseline] [--transport slices|lifetime] [--json]
+
+--two-way: a two-way call instead (`python -m streamer.call`, issue 15): two callers, each
+sending --source at --fps and --kbps and showing the other's picture over one peer connection;
+the same numbers per direction (a->b: the first caller's frames shown by the second), from each
+caller's frame log and summary; no loss.
 """
 
 from __future__ import annotations
@@ -380,6 +385,94 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
     return result, {"frames": frames, "events": events, "loss_end_us": loss_end_us}
 
 
+def two_way(args: argparse.Namespace) -> dict[str, Any]:
+    """A two-way call: the server and two `streamer.call` processes; numbers per direction."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-call2-"))
+    secret, room = secrets.token_hex(16), "bench"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    load0 = os.getloadavg()
+    startup = STARTUP_S + (COMPILE_S if args.backend in ("auto", "int8", "compile", "tensorrt") else 0)
+    try:
+        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--secret={secret}"], tmp / "server.log")
+        line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
+        ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
+        common = ["-m", "streamer.call", "--server", ws, "--room", room, "--ice-address", "127.0.0.1",
+                  f"--token={role_token(secret, room, 'caller')}", "--weights", args.weights, "--backend",
+                  args.backend, "--threads", str(args.threads), "--quiet", "--source", args.source,
+                  "--fps", str(args.fps), "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms)]
+        for flag, value in (("--size", args.size or None), ("--kbps", args.kbps), ("--level", args.level),
+                            ("--recovery", args.recovery), ("--sctp-rto-min", args.rto_min)):
+            if value is not None:
+                common += [flag, str(value)]
+        if args.measure:
+            common.append("--measure")
+        for name in ("a", "b"):  # a joins first: it offers
+            procs[name] = _spawn([*common, "--seconds", str(args.seconds + startup), "--frame-log",
+                                  str(tmp / f"frames-{name}.jsonl"), "--summary", str(tmp / f"{name}.json")],
+                                 tmp / f"{name}.log")
+            time.sleep(0.5)
+        for name in ("a", "b"):
+            try:
+                procs[name].wait(args.seconds + startup + 60)
+            except subprocess.TimeoutExpired:
+                pass
+        _stop(procs["server"])
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    load1 = os.getloadavg()
+    summ: dict[str, dict[str, Any]] = {}
+    frames: dict[str, list[dict[str, Any]]] = {}
+    for name in ("a", "b"):
+        try:
+            summ[name] = json.loads((tmp / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            summ[name] = {}
+        path = tmp / f"frames-{name}.jsonl"
+        records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        frames[name] = [r for r in records if "shown" in r]
+    result: dict[str, Any] = {"two_way": True}
+    for direction, src, dst in (("a_to_b", "a", "b"), ("b_to_a", "b", "a")):
+        d = analyse(frames[dst], summ[src].get("send", {}), summ[dst].get("recv", {}), args.seconds, None)
+        live = [h["cpu"] for h in summ[src].get("send", {}).get("history", []) if h.get("fps", 0) > 0]
+        if live:
+            d["cpu_pct_in_call_of_sender"] = round(sum(live) / len(live), 1)  # one process: both directions
+        result[direction] = d
+        if "error" in d:
+            result["error"] = f"{direction}: {d['error']}"
+            result[f"{src}.log"] = (tmp / f"{src}.log").read_text(errors="replace")[-2000:]
+    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
+                        "weights": args.weights, "backend": args.backend, "threads": args.threads,
+                        "kbps": args.kbps, "level": args.level, "recovery": args.recovery,
+                        "model": summ["a"].get("send", {}).get("model")}
+    result["machine"] = {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load0],
+                         "loadavg_end": [round(x, 2) for x in load1]}
+    result["logs"] = str(tmp)
+    return result
+
+
+def report_two_way(r: dict[str, Any]) -> str:
+    c = r["config"]
+    lines = [f"two-way call bench: {c['seconds']:g} s, {c['source']} at {c['fps']:g} fps each way, "
+             f"kbps {c['kbps'] if c['kbps'] is not None else 'default'}, model {c.get('model') or c['weights']}, "
+             f"backend {c['backend']}"]
+    for direction in ("a_to_b", "b_to_a"):
+        d = r.get(direction, {})
+        if "error" in d:
+            lines.append(f"  {direction}  failed: {d['error']}")
+            continue
+        lat = d["latency_ms"]
+        lines.append(f"  {direction}  {d['delivered_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p95 {lat['p95']:.0f}"
+                     f" / p99 {lat['p99']:.0f} ms  {d.get('kbps', 0):.0f} kbps  sent {d['sent']} shown {d['shown']}"
+                     f"  bit-exact {d['verified_bit_exact']} mismatched {d['mismatched']}  concealed {d['concealed']}"
+                     f"  longest freeze {d['longest_freeze_ms']:.0f} ms  cpu (caller) "
+                     f"{d.get('cpu_pct_in_call_of_sender', 'n/a')}%")
+    lines.append(f"  load avg {r['machine']['loadavg_start'][0]} -> {r['machine']['loadavg_end'][0]} on "
+                 f"{r['machine']['cpus']} cpus; logs {r['logs']}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The call; with --loss, first the same call without loss (the baseline, unless
     --no-baseline), and the recovery after the loss stops (both senders --measure)."""
@@ -648,6 +741,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-baseline", action="store_true",
                     help="with --loss: skip the loss-free run first (no psnr_baseline, no recovery_ms)")
     ap.add_argument("--rto-min", type=float, default=None, help="SCTP minimum RTO in seconds (aiortc: 1)")
+    ap.add_argument("--two-way", action="store_true",
+                    help="a two-way call (streamer.call): two callers, numbers per direction")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
 
@@ -661,12 +756,16 @@ def main(argv: list[str]) -> int:
     if args.transport == "both":
         print("call bench: --transport both needs --transport-only", file=sys.stderr)
         return 2
+    if args.two_way and args.loss > 0:
+        print("call bench: --two-way has no --loss", file=sys.stderr)
+        return 2
+    measure, describe = (two_way, report_two_way) if args.two_way else (run, report)
     try:
-        r = run(args)
+        r = measure(args)
     except RuntimeError as e:
         print(f"call bench: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(r) if args.json else report(r))
+    print(json.dumps(r) if args.json else describe(r))
     return 0 if "error" not in r else 1
 
 
