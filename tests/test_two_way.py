@@ -194,3 +194,36 @@ def test_server_seats_two_callers_and_routes_between_them():
                 await ws.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_lost_caller_is_waited_for_and_the_one_in_the_room_offers_again():
+    """The offerer's connection to the server dies without a hang-up (no bye): the answerer
+    keeps waiting, and when a caller joins again it, now the first in the room, offers; frames
+    flow both ways again."""
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
+            a = Caller(common(srv) + ["--source", "synthetic", "--fps", "8"])
+            await wait_until(lambda: a.obj is not None)
+            b = Caller(common(srv) + ["--source", "synthetic", "--fps", "8"])
+            await wait_until(lambda: b.obj is not None and a.obj.rx.shown >= 5 and b.obj.rx.shown >= 5)
+            first = (a.obj.me, b.obj.me)
+            a.obj.sig.ws.transport.abort()  # as a crash: the socket is gone, no bye can leave
+            await asyncio.wait_for(a.task, 10)
+            await wait_until(lambda: b.obj.pc is None, 10)
+            assert not b.task.done() and not b.obj.hung_up  # B waits
+            c = Caller(common(srv) + ["--source", "sample", "--fps", "8"])
+            await wait_until(lambda: c.obj is not None and c.obj.rx.shown >= 5)
+            shown = b.obj.rx.shown
+            await wait_until(lambda: b.obj.rx.shown >= shown + 5)
+            B, C = b.obj, c.obj
+            second = (B.me, C.me)
+            b.stop.set()  # B hangs up: C's call ends
+            await asyncio.wait_for(asyncio.gather(b.task, c.task), 15)
+            return B, C, first, second
+
+    B, C, first, second = asyncio.run(main())
+    assert first == (call.OFFERER, call.ANSWERER)
+    assert second == (call.OFFERER, call.ANSWERER)  # B, now the first in the room, offered
+    assert B.calls == 2 and B.rx.calls == 2 and not B.hung_up
+    assert C.hung_up and C.rx.mismatched == 0 and B.rx.mismatched == 0
