@@ -192,7 +192,8 @@ class CallServer:
         if role == CALLER and len(room.callers()) >= MAX_CALLERS:
             # (not a replacement: both callers hold the same token, so a newcomer cannot be told
             # from a third person; a caller that restarts gets its seat back once its old socket
-            # is gone: at once after a clean exit, after the websocket ping timeout after a crash)
+            # is gone: at once when the program exits or is killed, after the websocket ping timeout when
+            # its machine or network went away)
             raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has its {MAX_CALLERS} callers: "
                           "this call is full")
 
