@@ -15,6 +15,7 @@ from .tokens import new_secret
 
 # What each printed link is for (the role's name, padded, then the URL, then this note).
 LINK_NOTES = (
+    ("caller", "both people of a two-way call: python -m streamer.call --url '<this>'"),
     ("sender", "this machine's camera end: python -m streamer.send --url '<this>'"),
     ("receiver", "the other end of the call: python -m streamer.receive --url '<this>'"),
     ("camera", "a browser whose webcam feeds the sender's --source browser"),

@@ -537,12 +537,12 @@ def test_cli_prints_one_join_url_per_role_and_stops_cleanly_on_sigint() -> None:
     try:
         links: dict[str, str] = {}
         deadline = time.monotonic() + 20
-        while len(links) < 4 and time.monotonic() < deadline:
+        while len(links) < 5 and time.monotonic() < deadline:
             words = proc.stdout.readline().split()  # type: ignore[union-attr]
             if len(words) >= 3 and words[0].endswith(":") and words[1].startswith("http://"):
                 links[words[0][:-1]] = words[1]
                 assert words[2].startswith("("), words  # each says what it is for
-        assert set(links) == {"sender", "receiver", "camera", "viewers"}, links
+        assert set(links) == {"caller", "sender", "receiver", "camera", "viewers"}, links
         for label, url in links.items():
             role = label.rstrip("s") if label == "viewers" else label
             assert url.startswith("http://127.0.0.1:") and url.endswith(
