@@ -281,12 +281,96 @@ def two_hosts(delay_ms: float = 0, loss: float = 0.0, subnet: str = "10.77.0",
         tmp.cleanup()
 
 
+@dataclass
+class RelayLink:
+    """Two hosts that cannot reach each other, both reaching a third, public one (`t`), which
+    holds an address on each side (`t_a` on a's subnet, `t_b` on b's) and forwards nothing:
+    two homes behind firewalls, and a server both can reach. A call between a and b connects
+    only through a TURN relay on t."""
+
+    a: Host
+    b: Host
+    t_a: Host
+    t_b: Host
+    namespaces: list[str]
+
+
+@contextlib.contextmanager
+def relay_hosts(subnet_a: str = "10.77.1", subnet_b: str = "10.77.2") -> Iterator[RelayLink]:
+    """a (SUBNET_A.1) -- t (SUBNET_A.254 | SUBNET_B.254, no forwarding) -- b (SUBNET_B.2).
+    Removed on the way out, as `two_hosts`."""
+    global _count
+    reason = unavailable()
+    if reason:
+        raise NetnsUnavailable(reason)
+    remove_stale()
+    _count += 1
+    base = f"{PREFIX}{os.getpid()}x{_count}"
+    ns_a, ns_b, ns_t = base + "a", base + "b", base + "t"
+    link = RelayLink(Host(ns_a, "veth0", f"{subnet_a}.1"), Host(ns_b, "veth0", f"{subnet_b}.2"),
+                     Host(ns_t, "to_a", f"{subnet_a}.254"), Host(ns_t, "to_b", f"{subnet_b}.254"), [])
+    try:
+        for ns in (ns_a, ns_b, ns_t):
+            _ip("netns", "add", ns)
+            link.namespaces.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns_a, "link", "add", "veth0", "type", "veth", "peer", "name", "to_a", "netns", ns_t)
+        _ip("-n", ns_b, "link", "add", "veth0", "type", "veth", "peer", "name", "to_b", "netns", ns_t)
+        r = link.t_a.run("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
+        if r.returncode != 0:
+            raise NetnsUnavailable(f"cannot turn forwarding off in {ns_t}: {r.stderr.strip()}")
+        for h in (link.a, link.b, link.t_a, link.t_b):
+            _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.dev)
+            _ip("-n", h.ns, "link", "set", h.dev, "up")
+        yield link
+    finally:
+        for h in (link.a, link.b, link.t_a, link.t_b):
+            for p in h._procs:
+                with contextlib.suppress(Exception):
+                    p.stop(10)
+        for ns in link.namespaces:
+            _ip("netns", "del", ns, check=False)
+
+
+def start_turn_server(t_a: Host, t_b: Host, user: str, password: str, folder: Path) -> Proc:
+    """coturn (`turnserver`, Debian's `coturn`) on the relay host, listening on both of its
+    addresses, relaying from the one on b's side; long-term credentials `user`/`password`.
+    NetnsUnavailable when it is not installed."""
+    exe = shutil.which("turnserver")
+    if exe is None:
+        raise NetnsUnavailable("no `turnserver` (coturn: apt-get install coturn) for the TURN relay")
+    turn = t_a.start([exe, "-n", "--no-cli", "--no-tls", "--no-dtls", "--listening-ip", t_a.addr,
+                      "--listening-ip", t_b.addr, "--relay-ip", t_b.addr, "--listening-port", "3478",
+                      "--min-port", "49152", "--max-port", "49407", "--lt-cred-mech", "--fingerprint",
+                      "--user", f"{user}:{password}", "--realm", "netns.test",
+                      "--userdb", str(folder / "turndb"), "--pidfile", str(folder / "turnserver.pid"),
+                      "--log-file", "stdout", "--simple-log", "--verbose"], "turnserver")
+    with contextlib.suppress(AssertionError):
+        turn.wait_for("listener opened on", 10)  # its log says so per address; no line: go on, the call says
+    if turn.proc.poll() is not None:
+        raise AssertionError(f"turnserver did not start: {turn.describe()}")
+    return turn
+
+
 def start_server(host: Host, room: str = "netns", secret: str = "netns-test-secret", port: int = 8765,
                  extra: Sequence[str] = ()) -> dict[str, str]:
     """`python -m server` on `host` (listening on its address only); the join links it prints,
     by role ("sender", "receiver", "camera", "viewers"), as a user would copy them."""
     server = host.start([PYTHON, "-m", "server", "--host", host.addr, "--port", str(port), "--room", room,
                          "--secret", secret, *extra], "server")
+    return join_links_of(server)
+
+
+def with_host(url: str, host: str) -> str:
+    """A printed join link with its host replaced (what a user does with `--host 0.0.0.0`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit(u._replace(netloc=f"{host}:{u.port}" if u.port else host))
+
+
+def join_links_of(server: Proc) -> dict[str, str]:
+    """The join links a running server printed, by role."""
     server.wait_for("viewers:", 60)
     links = {}
     for line in server.out:
