@@ -205,7 +205,7 @@ TURN_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("module", ["streamer.send", "streamer.receive"])
+@pytest.mark.parametrize("module", ["streamer.send", "streamer.receive", "streamer.call"])
 @pytest.mark.parametrize("argv,says", TURN_MISTAKES, ids=[" ".join(a) for a, _ in TURN_MISTAKES])
 def test_a_bad_ice_server_is_one_line_and_exit_2_before_connecting(module, argv, says, capsys, monkeypatch):
     import importlib
