@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+NEEDED_LINKS = {"sender", "receiver", "camera", "viewers"}  # the roles the demo hands out
+
+
 class Demo:
     """The three child processes and their orderly shutdown."""
 
@@ -72,7 +75,7 @@ class Demo:
                 words = line.split()
                 if len(words) >= 2 and words[0].endswith(":") and words[1].startswith("http"):
                     links[words[0][:-1]] = words[1]
-                    if len(links) == 4:
+                    if NEEDED_LINKS <= links.keys():  # (the server prints more, e.g. callers')
                         return links
             self.children.remove(("server", proc))
             proc.kill()
