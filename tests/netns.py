@@ -216,6 +216,18 @@ def netem_available() -> bool:
         _ip("netns", "del", probe, check=False)
 
 
+def _fresh_base() -> str:
+    """A new namespace-name prefix for this process (stale ones of dead processes removed);
+    NetnsUnavailable when namespaces cannot be made here."""
+    global _count
+    reason = unavailable()
+    if reason:
+        raise NetnsUnavailable(reason)
+    remove_stale()
+    _count += 1
+    return f"{PREFIX}{os.getpid()}x{_count}"
+
+
 @contextlib.contextmanager
 def two_hosts(delay_ms: float = 0, loss: float = 0.0, subnet: str = "10.77.0",
               impairment: str = "auto") -> Iterator[Link]:
@@ -224,13 +236,7 @@ def two_hosts(delay_ms: float = 0, loss: float = 0.0, subnet: str = "10.77.0",
     where the kernel has it, else the bridge; "netem" or "bridge" to insist). Everything made
     is removed on the way out, and the programs started on either host are stopped first.
     NetnsUnavailable when it cannot be made (a test skips with its reason)."""
-    global _count
-    reason = unavailable()
-    if reason:
-        raise NetnsUnavailable(reason)
-    remove_stale()
-    _count += 1
-    base = f"{PREFIX}{os.getpid()}x{_count}"
+    base = _fresh_base()
     ns_a, ns_b, ns_m = base + "a", base + "b", base + "m"
     impaired = bool(delay_ms or loss)
     if impaired and impairment == "auto":
@@ -299,13 +305,7 @@ class RelayLink:
 def relay_hosts(subnet_a: str = "10.77.1", subnet_b: str = "10.77.2") -> Iterator[RelayLink]:
     """a (SUBNET_A.1) -- t (SUBNET_A.254 | SUBNET_B.254, no forwarding) -- b (SUBNET_B.2).
     Removed on the way out, as `two_hosts`."""
-    global _count
-    reason = unavailable()
-    if reason:
-        raise NetnsUnavailable(reason)
-    remove_stale()
-    _count += 1
-    base = f"{PREFIX}{os.getpid()}x{_count}"
+    base = _fresh_base()
     ns_a, ns_b, ns_t = base + "a", base + "b", base + "t"
     link = RelayLink(Host(ns_a, "veth0", f"{subnet_a}.1"), Host(ns_b, "veth0", f"{subnet_b}.2"),
                      Host(ns_t, "to_a", f"{subnet_a}.254"), Host(ns_t, "to_b", f"{subnet_b}.254"), [])

@@ -22,9 +22,11 @@ from server.app import run_server
 from server.protocol import KIND_CAMERA, KIND_DECODED, pack_frame, unpack_frame
 from streamer import receive, send
 from streamer.codec import bitstream
-from hostile_pictures import hostile_pictures
 from streamer.session import FrameType
 from streamer.signaling import SignalingError, parse_join_url
+
+from aio import wait_until
+from hostile_pictures import hostile_pictures
 
 ROOM, SECRET = "test", "room-secret"  # each role's token derives from the room's secret
 pytestmark = pytest.mark.timeout(120)
@@ -34,15 +36,6 @@ def common(srv, role: str) -> list[str]:
     """The options of one end of the call: it joins with its own role's token."""
     return ["--server", srv.ws_url, "--room", ROOM, "--token", srv.token(ROOM, role),
             "--ice-address", "127.0.0.1", "--quiet"]
-
-
-async def wait_until(cond, timeout: float = 30.0, step: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("timed out waiting for the call")
-        await asyncio.sleep(step)
 
 
 class Running:

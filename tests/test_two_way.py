@@ -18,6 +18,8 @@ from streamer import call
 from streamer.assembler import codes_crc
 from streamer.signaling import Signaling, SignalingError
 
+import aio
+
 ROOM, SECRET = "two-way", "room-secret"
 pytestmark = pytest.mark.timeout(150)
 
@@ -27,13 +29,8 @@ def common(srv) -> list[str]:
             "--ice-address", "127.0.0.1", "--quiet"]
 
 
-async def wait_until(cond, timeout: float = 40.0, step: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("timed out waiting for the call")
-        await asyncio.sleep(step)
+async def wait_until(cond, timeout: float = 40.0) -> None:
+    await aio.wait_until(cond, timeout)  # a two-way call takes longer to set up
 
 
 class Caller:

@@ -287,6 +287,18 @@ def loss_recovery(lossy: dict[str, Any], base: dict[str, Any] | None, seconds: f
     return out
 
 
+def _startup_s(backend: str) -> float:
+    """Seconds a call needs to start: more for backends that compile at start."""
+    return STARTUP_S + (COMPILE_S if backend in ("auto", "int8", "compile", "tensorrt") else 0)
+
+
+def _start_server(tmp: Path, room: str, secret: str, procs: dict[str, subprocess.Popen[bytes]]) -> str:
+    """The call server on a free port (into `procs`); its websocket URL once it listens."""
+    procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--secret={secret}"], tmp / "server.log")
+    line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
+    return f"ws://{line.rsplit(' ', 1)[1]}/ws"
+
+
 def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """One call with this loss: its numbers, and the raw logs ({"frames", "events", "loss_end_us"})."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-call-"))
@@ -295,11 +307,9 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
     procs: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float | None] = {}
     load0 = os.getloadavg()
-    startup = STARTUP_S + (COMPILE_S if args.backend in ("auto", "int8", "compile", "tensorrt") else 0)
+    startup = _startup_s(args.backend)
     try:
-        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--secret={secret}"], tmp / "server.log")
-        line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
-        ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
+        ws = _start_server(tmp, room, secret, procs)
         # each end holds its own role's token (docs/protocol.md, "Roles and tokens")
         common = ["--server", ws, "--room", room, "--ice-address", "127.0.0.1",
                   "--weights", args.weights, "--backend", args.backend, "--threads", str(args.threads), "--quiet"]
@@ -391,11 +401,9 @@ def two_way(args: argparse.Namespace) -> dict[str, Any]:
     secret, room = secrets.token_hex(16), "bench"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     load0 = os.getloadavg()
-    startup = STARTUP_S + (COMPILE_S if args.backend in ("auto", "int8", "compile", "tensorrt") else 0)
+    startup = _startup_s(args.backend)
     try:
-        procs["server"] = _spawn(["-m", "server", "--port", "0", "--room", room, f"--secret={secret}"], tmp / "server.log")
-        line = _wait_for_line(tmp / "server.log", "server listening on", procs["server"], 20)
-        ws = f"ws://{line.rsplit(' ', 1)[1]}/ws"
+        ws = _start_server(tmp, room, secret, procs)
         common = ["-m", "streamer.call", "--server", ws, "--room", room, "--ice-address", "127.0.0.1",
                   f"--token={role_token(secret, room, 'caller')}", "--weights", args.weights, "--backend",
                   args.backend, "--threads", str(args.threads), "--quiet", "--source", args.source,

@@ -62,6 +62,18 @@ def codes_bound(min_bits: np.ndarray, payload_bytes: int) -> int:
     return int(min(MAX_DECODE_CODES, columns * len(min_bits)))
 
 
+def checked_counts(counts: np.ndarray, levels: int, contexts: int, symbols: int, what: str) -> np.ndarray:
+    """Tables of counts (levels, channels, contexts, symbols) as an array; WeightsError if their
+    shape is another or a count is negative (tables come from a weights file: untrusted)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 4 or counts.shape[2:] != (contexts, symbols) or counts.shape[0] != levels:
+        raise WeightsError(f"{what} tables of shape {counts.shape}; expected (levels={levels}, "
+                           f"channels, {contexts}, {symbols})")
+    if (counts < 0).any():
+        raise WeightsError(f"{what} tables hold negative counts")
+    return counts
+
+
 def _constriction():
     try:
         import constriction
@@ -115,13 +127,9 @@ class EntropyCoder:
     def __init__(self, counts: np.ndarray, sizes: list[np.ndarray], zeros: list[np.ndarray]) -> None:
         """counts: (levels, C, CONTEXTS, 256); per level, sizes: (C,) alphabet sizes and
         zeros: (C,) the code of latent 0."""
-        counts = np.asarray(counts)
-        if (counts.ndim != 4 or counts.shape[2:] != (CONTEXTS, MAX_SYMBOLS) or len(sizes) != counts.shape[0]
-                or len(zeros) != counts.shape[0]):
-            raise WeightsError(f"entropy tables of shape {counts.shape}; expected (levels={len(sizes)}, "
-                               f"channels, {CONTEXTS}, {MAX_SYMBOLS})")
-        if (counts < 0).any():
-            raise WeightsError("entropy tables hold negative counts")
+        if len(zeros) != len(sizes):
+            raise WeightsError(f"entropy tables: {len(zeros)} levels of zero codes for {len(sizes)} levels")
+        counts = checked_counts(counts, len(sizes), CONTEXTS, MAX_SYMBOLS, "entropy")
         _constriction()
         self.levels, self.channels = counts.shape[:2]
         self.sizes = [np.asarray(s, np.int64) for s in sizes]

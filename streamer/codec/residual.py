@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import PacketError, WeightsError
-from .entropy import DECODE_CHUNK_FLOATS, _constriction, codes_bound
+from ..errors import PacketError
+from .entropy import DECODE_CHUNK_FLOATS, _constriction, checked_counts, codes_bound
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -104,12 +104,7 @@ class ResidualCoder:
 
     def __init__(self, counts: np.ndarray, sizes: list[np.ndarray]) -> None:
         """counts: (levels, C, CONTEXTS, RESIDUAL_SYMBOLS); sizes: per level, (C,) codes per channel."""
-        counts = np.asarray(counts)
-        if (counts.ndim != 4 or counts.shape[2:] != (CONTEXTS, RESIDUAL_SYMBOLS) or len(sizes) != counts.shape[0]):
-            raise WeightsError(f"residual tables of shape {counts.shape}; expected (levels={len(sizes)}, "
-                               f"channels, {CONTEXTS}, {RESIDUAL_SYMBOLS})")
-        if (counts < 0).any():
-            raise WeightsError("residual tables hold negative counts")
+        counts = checked_counts(counts, len(sizes), CONTEXTS, RESIDUAL_SYMBOLS, "residual")
         _constriction()
         self.levels, self.channels = counts.shape[:2]
         self.sizes = [np.asarray(s, np.int64) for s in sizes]
