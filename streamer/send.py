@@ -197,15 +197,15 @@ class Sender:
                 continue
             self.session.commit(cand)
             q = cand.q
+            nbytes = sum(len(p) for p in cand.packets)
             if self.rate is not None:
-                self.rate.frame_sent(sum(len(p) for p in cand.packets), q.level, int(cand.frame_type),
-                                     t=cap.timestamp_us / 1e6)
+                self.rate.frame_sent(nbytes, q.level, int(cand.frame_type), t=cap.timestamp_us / 1e6)
             self.frame_number += 1
             self.stats.count("frames")
             self.stats.count("i_frames" if cand.frame_type == FrameType.INTRA else "p_frames")
             if cand.refresh_rows is not None:
                 self.stats.count("refresh_frames")  # P-frames that sent a band intra
-            self.stats.count("bytes", sum(len(p) for p in cand.packets))
+            self.stats.count("bytes", nbytes)
             self._send_meta({"f": number, "crc": codes_crc(q.codes)})
             if self.measure and not self._measuring:  # latest-only: skip while one is running
                 self._measuring = True
