@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,9 +56,16 @@ from .errors import PacketError
 
 # A slice of the next frame normally ends the wait for a frame's lost slices (one channel, no
 # reordering: when frame n+1 starts, n's missing slices are gone). The deadline only covers a
-# stream that pauses. It must exceed the spread of one frame's slices, which on a loaded
-# 2-core machine reaches tens of ms (measured p95 ~150 ms in one process at load 8).
+# stream that pauses: a frame is given up once no slice of it came for the deadline. That must
+# exceed the gap between one frame's slices, which a loaded 2-core machine (the event loop
+# starved) or a lossy link (SCTP's window shrunk) stretches beyond 100 ms. So this is the least
+# deadline: it grows to DEADLINE_MARGIN times the widest gap seen in the last SPREAD_WINDOW
+# frames (complete ones, and the slices that came after the deadline gave their frame up), up to
+# MAX_DEADLINE_S.
 DEFAULT_DEADLINE_S = 0.1
+MAX_DEADLINE_S = 1.0
+DEADLINE_MARGIN = 1.5
+SPREAD_WINDOW = 64
 # A frame-number step beyond this (forwards or backwards) is another stream: ~8.5 s at 30 fps.
 MAX_FRAME_GAP = 256
 # Frames waiting for slices at once. In order on one channel only one frame is open at a time
@@ -149,6 +157,7 @@ class _Pending:
     intra_rows: np.ndarray | None = None  # bool per latent row: arrived as intra codes
     bad_rows: np.ndarray | None = None  # bool per latent row: residuals that cannot apply to ours
     wrong_ref: bool = False  # some slice named another reference than our previous frame
+    widest_gap: float = 0.0  # s, between two of its slices' arrivals
 
 
 @dataclass
@@ -175,7 +184,9 @@ class FrameAssembler:
         """latent_shape: the whole frame's latent (C, H, W) this call accepts (default: what the
         codec's model makes for `codec.frame_size`; see `set_frame_size`)."""
         self.codec = codec
-        self.deadline_s = deadline_s
+        self.deadline_s = deadline_s  # the least; `current_deadline_s` adapts above it
+        self._gaps: deque[float] = deque(maxlen=SPREAD_WINDOW)  # widest gap between a frame's slices, s
+        self._given_up: OrderedDict[int, float] = OrderedDict()  # frame -> its last slice's arrival
         self.conceal_on_last = conceal_on_last
         self.clock = clock
         if max_gap < 1 or max_pending < 1:
@@ -255,6 +266,10 @@ class FrameAssembler:
                 self._restart()  # the sender started again: numbers restart, the clock went on
             else:
                 self.n.late += 1
+                given_up = self._given_up.get(number)
+                if given_up is not None:  # the deadline was too short for this link or machine
+                    self._gaps.append(now - given_up)
+                    self._given_up[number] = now
                 return out
         pend = self._pending.get(number)
         shape = (h.channels, h.height, h.width)
@@ -299,9 +314,12 @@ class FrameAssembler:
             pend.lo, pend.hi = p.lo, p.hi
         pend.have[rows] = True
         pend.slices += 1
+        pend.widest_gap = max(pend.widest_gap, now - pend.last_arrival)
         pend.last_arrival = now
         if h.row_start + h.row_count == h.height:
             pend.saw_last = True
+        if pend.have.all():
+            self._gaps.append(pend.widest_gap)
         if pend.have.all() or (pend.saw_last and self.conceal_on_last):
             # complete; or the frame's last slice is in and the sender sends slices in row order
             # on one path, so missing earlier slices are lost, not late: show it now
@@ -312,9 +330,14 @@ class FrameAssembler:
     def poll(self) -> list[AssembledFrame]:
         """Frames whose deadline passed (call it periodically, e.g. every few ms)."""
         now = self.clock()
-        due = [n for n, p in self._pending.items() if now - p.first_arrival >= self.deadline_s]
+        deadline = self.current_deadline_s
+        due = [n for n, p in self._pending.items() if now - p.last_arrival >= deadline]
         if not due:
             return []
+        for n in due:  # remembered a while: a slice that still comes says how late they run
+            self._given_up[n] = self._pending[n].last_arrival
+        while len(self._given_up) > MAX_PENDING:
+            self._given_up.popitem(last=False)
         return self._flush(before=max(due) + 1)
 
     def flush(self) -> list[AssembledFrame]:
@@ -324,7 +347,14 @@ class FrameAssembler:
     def next_deadline(self) -> float | None:
         if not self._pending:
             return None
-        return min(p.first_arrival for p in self._pending.values()) + self.deadline_s
+        return min(p.last_arrival for p in self._pending.values()) + self.current_deadline_s
+
+    @property
+    def current_deadline_s(self) -> float:
+        """How long a frame waits for its next slice: at least `deadline_s`, more where slices
+        have recently come further apart (a loaded machine, a lossy link), bounded."""
+        widest = max(self._gaps, default=0.0)
+        return min(max(self.deadline_s, DEADLINE_MARGIN * widest), max(self.deadline_s, MAX_DEADLINE_S))
 
     @property
     def needs_keyframe(self) -> bool:

@@ -394,7 +394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--record", metavar="PATH", help="record the shown pictures (H.264 or MPEG-4, by PyAV)")
     ap.add_argument("--fps", type=float, default=30.0, help="most pictures per second published to viewers")
     ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
-                    help="show a frame with missing slices (concealed) this long after its first slice")
+                    help="show a frame with missing slices (concealed) when none came for this long; the least: "
+                         "it grows with the gaps seen between slices (up to 1 s)")
     ap.add_argument("--frame-log", metavar="PATH",
                     help="JSON lines for the bench: one per shown frame (it has 'shown'), and per shown "
                     "complete frame its CRC verdict ('crc_ok') and, if bit-exact and measured, the sender's "

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.assembler import MAX_CONCEAL_CHAIN, MAX_FRAME_GAP, MAX_PENDING, FrameAssembler, codes_crc
+from streamer.assembler import (MAX_CONCEAL_CHAIN, MAX_DEADLINE_S, MAX_FRAME_GAP, MAX_PENDING, SPREAD_WINDOW,
+                               FrameAssembler, codes_crc)
 from streamer.codec import NeuralCodec, bitstream
 from streamer.errors import FrameSizeError
 from streamer.transport import SLICE_BYTES
@@ -89,6 +90,45 @@ def test_missing_slice_is_concealed_from_previous_frame(codec, mode):
     assert torch.equal(f.latents(codec)[0, :, band], y1[0, :, band])  # previous frame's latents
     assert torch.equal(f.latents(codec)[0, :, keep], y2[0, :, keep])
     assert asm.n.concealed == 1
+
+
+def test_deadline_grows_when_slices_come_after_it_and_shrinks_back(codec):
+    """A frame's slices 150 ms apart (a loaded machine, a lossy link's shrunken window) against
+    a 100 ms deadline: the first frame is given up, its late slice teaches the assembler, and the next
+    frame with the same spread is whole. The wait is bounded, and returns to the least once a
+    window of frames came close together again."""
+    clock = Clock()
+    asm = FrameAssembler(codec, deadline_s=0.1, clock=clock, conceal_on_last=False)
+    assert asm.current_deadline_s == 0.1
+
+    def spread_out(number: int, gap: float) -> list:
+        out = []
+        for p in sliced(codec, number, number)[1]:
+            out += asm.add(p)
+            clock.t += gap
+            out += asm.poll() if asm.next_deadline() is not None and clock.t >= asm.next_deadline() else []
+        return out
+
+    first = spread_out(1, 0.15)
+    assert [f.complete for f in first] == [False] and asm.n.late >= 1  # given up, then its slices came
+    assert asm.current_deadline_s >= 1.5 * 0.15 - 1e-9
+    second = spread_out(2, 0.15)
+    assert [f.complete for f in second] == [True] and asm.n.concealed == 1
+
+    # a slice of a given-up frame that comes very late (or a forged one) cannot stall the call
+    asm2 = FrameAssembler(codec, deadline_s=0.1, clock=clock, conceal_on_last=False)
+    packets = sliced(codec, 3, 3)[1]
+    asm2.add(packets[0])
+    clock.t += 0.2
+    assert len(asm2.poll()) == 1
+    clock.t += 60
+    asm2.add(packets[1])
+    assert asm2.current_deadline_s == MAX_DEADLINE_S
+
+    # frames close together again: after a window of them, back to the least
+    for n in range(4, 4 + SPREAD_WINDOW):
+        assert [f.complete for f in spread_out(n, 0.001)] == [True]
+    assert asm.current_deadline_s == 0.1
 
 
 def test_a_frame_with_its_last_slice_in_is_shown_at_once(codec):
