@@ -574,6 +574,11 @@ def test_codec_bench_runs_and_reports_skips(capsys):
     base, row = r["rows"]
     assert base["speedup"] == 1.0 and row["speedup"] > 0 and row["repeats"] == 3
     assert row["encode_ms"]["median"] > 0 and row["enc_dec_cpu_ms"]["median"] > 0 and row["packet_bytes"] > 42
+    # the shipped model codes P-frames: their path is timed too, and a P-frame of a talking head is
+    # smaller than its I-frame
+    assert row["p_pack_ms"]["median"] > 0 and row["p_unpack_ms"]["median"] > 0
+    assert 34 < row["p_packet_bytes"] < row["packet_bytes"]
+    assert "p_pack" in bench.report(r)
     assert r["quality"][0]["backend"] == "eager" and r["quality"][0]["codes_equal"] >= 0.999
     assert "skipped tensorrt" in bench.report(r)
     with pytest.raises(SystemExit):

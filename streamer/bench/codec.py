@@ -8,7 +8,13 @@ centre-cropped to the size):
 * decode: codes to uint8 pictures: dequantize, the decoder, conversion back;
 * pack / unpack: `NeuralCodec.pack` of each frame's codes / `NeuralCodec.unpack` of each packet
   (range coding included when the model has entropy tables)
-  (no model involved: measured once per preset, size and batch and shown on each of its rows).
+  (no model involved: measured once per preset, size and batch and shown on each of its rows);
+* p_pack / p_unpack, when the model codes P-frames: the P-frame path of one frame after the
+  encoder, on consecutive frames of the clip at the default level, as the call's session runs
+  it: the decision against the previous frame's codes, the residuals, `pack_inter` (range
+  coding against the residual tables, slices of one SCTP chunk), and unpacking those slices;
+  `p_packet_bytes` is a P-frame's size. (The networks are the same for I- and P-frames, so
+  encode and decode above are the P-frame's too.)
 
 Times are per call (a whole batch), median and 99th percentile over --repeats calls after warm-up
 calls (which also absorb torch.compile / int8 compilation, reported as first_call_s). Beside wall
@@ -158,6 +164,49 @@ def time_pack(codec: NeuralCodec, frames: np.ndarray, repeats: int) -> tuple[dic
     return stats(pack_t), stats(unpack_t), sum(len(p) for ps in packets for p in ps) // len(packets)
 
 
+def time_inter_pack(codec: NeuralCodec, size: int, repeats: int, count: int = 9) -> dict[str, Any] | None:
+    """The P-frame path after the encoder (see the module docstring), per frame: None when the
+    model has no residual tables."""
+    if not codec.codes_p_frames:
+        return None
+    from ..backends.calibration import sample_frames
+    from ..codec.decision import keep_reference, unrounded_codes
+    from ..codec.residual import residuals
+    from ..session import DEFAULT_DECISION_THRESHOLD
+    from ..transport import SLICE_BYTES
+
+    level = codec.cfg.quantizer.level
+    frames = sample_frames(size, None)[:count]
+    encoded = [codec.encode_with_latents(f, level) for f in frames]  # consecutive: a talking head
+    mode_step = codec.cfg.quantizer.mode == "step"
+
+    def pack_all() -> list[list[bytes]]:
+        out, prediction = [], encoded[0][1].codes
+        for i, (latents, q) in enumerate(encoded[1:], start=1):
+            codes = q.codes
+            if mode_step:
+                codes = keep_reference(codes, unrounded_codes(codec.quantizer, latents, level), prediction,
+                                       DEFAULT_DECISION_THRESHOLD)
+            out.append(codec.pack_inter(q, residuals(codes, prediction), i, 0, SLICE_BYTES, i - 1))
+            prediction = codes
+        return out
+
+    packets = pack_all()
+    pack_t, unpack_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pack_all()
+        t1 = time.perf_counter()
+        for ps in packets:
+            for p in ps:
+                codec.unpack(p)
+        t2 = time.perf_counter()
+        pack_t.append((t1 - t0) / len(packets))
+        unpack_t.append((t2 - t1) / len(packets))
+    return {"p_pack_ms": stats(pack_t), "p_unpack_ms": stats(unpack_t),
+            "p_packet_bytes": sum(len(p) for ps in packets for p in ps) // len(packets)}
+
+
 def measure(subjects: list[Subject], frames: np.ndarray, repeats: int, warmup: int,
             budget_s: float = float("inf")) -> None:
     """Warm up each subject, then `repeats` round-robin calls (fewer, but at least 5, when a cell
@@ -215,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             build_s[f"{preset}/{b}"] = round(time.perf_counter() - t, 2)
             subjects.append(Subject(b, codec))
         for size in args.sizes:
+            inter = time_inter_pack(base, size, args.repeats) or {}
             for batch in args.batch:
                 frames = clip_frames(size, batch)
                 for s in subjects:
@@ -235,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "speedup": round(ref / ed, 3), "cpu_speedup": round(ref_cpu / max(ed_cpu, 1e-9), 3),
                         "first_call_s": round(s.first_call_s, 2),
                         "repeats": len(s.times["enc_dec"]),
-                        "packet_bytes": packet_bytes,
+                        "packet_bytes": packet_bytes, **inter,
                     })
         if args.quality and len(subjects) > 1:
             frames = quality_frames(args.quality_clips, args.quality_frames)
@@ -254,14 +304,16 @@ def report(r: dict[str, Any]) -> str:
            f"(cpu: the calling thread's CPU ms for encode + decode)"]
     hdr = (f"{'preset':16s} {'weights':9s} {'backend':9s} {'size':>4s} {'batch':>5s} {'encode':>8s} {'p99':>8s} "
            f"{'decode':>8s} {'p99':>8s} {'enc+dec':>8s} {'/frame':>7s} {'speedup':>7s} {'cpu':>7s} {'speedup':>7s} "
-           f"{'pack':>6s} {'unpack':>6s}")
+           f"{'pack':>6s} {'unpack':>6s} {'p_pack':>6s} {'p_unpk':>6s} {'p_B':>5s}")
     out += [hdr, "-" * len(hdr)]
     for row in r["rows"]:
         out.append(f"{row['preset']:16s} {row['weights'][:9]:9s} {row['backend']:9s} {row['size']:4d} {row['batch']:5d} "
                    f"{row['encode_ms']['median']:8.2f} {row['encode_ms']['p99']:8.2f} {row['decode_ms']['median']:8.2f} "
                    f"{row['decode_ms']['p99']:8.2f} {row['enc_dec_ms']['median']:8.2f} {row['per_frame_enc_dec_ms']:7.2f} "
                    f"{row['speedup']:6.2f}x {row['enc_dec_cpu_ms']['median']:7.2f} {row['cpu_speedup']:6.2f}x "
-                   f"{row['pack_ms']['median']:6.3f} {row['unpack_ms']['median']:6.3f}")
+                   f"{row['pack_ms']['median']:6.3f} {row['unpack_ms']['median']:6.3f} "
+                   + (f"{row['p_pack_ms']['median']:6.3f} {row['p_unpack_ms']['median']:6.3f} {row['p_packet_bytes']:5d}"
+                      if "p_pack_ms" in row else f"{'-':>6s} {'-':>6s} {'-':>5s}"))
     if r["build_s"]:
         out.append("backend build s: " + ", ".join(f"{k} {v}" for k, v in r["build_s"].items()))
     for q in r["quality"]:
