@@ -37,9 +37,10 @@ from typing import Any
 from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S
+from .audio import open_audio
 from .codec import NeuralCodec
-from .receive import Receiver, close_recorder, open_recorder
-from .send import DEFAULT_KBPS, Sender
+from .receive import Receiver, add_audio_args, close_recorder, open_recorder, open_sink
+from .send import DEFAULT_KBPS, Sender, add_audio_arg
 from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES
 from .signaling import Picture, Signaling, resolve_server
 from .sources import FrameSource, open_source
@@ -90,6 +91,8 @@ class Call:
         self.other, self.me = other, OFFERER
         pc = self.pc = T.create_peer_connection(self.stun)
         self._watch(pc, other)
+        self.tx.add_audio(pc)  # our sound, and theirs on the same connection (before the offer)
+        pc.on("track", self.rx.take_track)
         ch = {(kind, whose): pc.createDataChannel(label(kind, whose), **self._options(kind))
               for whose in DIRECTIONS for kind in (T.LATENT_LABEL, T.META_LABEL)}
         self.tx.attach(pc, ch[T.LATENT_LABEL, OFFERER], ch[T.META_LABEL, OFFERER], other)
@@ -105,6 +108,7 @@ class Call:
         self.other, self.me = other, ANSWERER
         pc = self.pc = T.create_peer_connection(self.stun)
         self._watch(pc, other)
+        pc.on("track", self.rx.take_track)
         self.rx.begin(other)
         self._mine = {}
 
@@ -121,7 +125,7 @@ class Call:
                 self.tx.attach(pc, self._mine[T.LATENT_LABEL], self._mine[T.META_LABEL], other)
 
         try:
-            answer = await T.accept_offer(pc, offer, self.ice)
+            answer = await T.accept_offer(pc, offer, self.ice, self.tx.add_audio)  # our sound before the answer
         except Exception as e:  # noqa: BLE001 - a bad offer must not end the call program
             print(f"call: could not answer the other caller's offer: {e}", file=sys.stderr)
             return
@@ -277,6 +281,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--source", default="auto",
                     help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | PATH")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
+    add_audio_arg(ap)
+    add_audio_args(ap)
     ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own); "
                     "both callers need the same")
     ap.add_argument("--kbps", type=float, default=None,
@@ -290,7 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="slices (default) | lifetime, as streamer.send's")
     ap.add_argument("--lifetime-ms", type=int, default=T.DEFAULT_LIFETIME_MS, help="packet lifetime (lifetime transport)")
     ap.add_argument("--measure", action="store_true", help="send the PSNR of our own decode per frame")
-    ap.add_argument("--record", metavar="PATH", help="record the other caller's picture (H.264 or MPEG-4)")
+    ap.add_argument("--record", metavar="PATH", help="record the other caller's picture (H.264 or MPEG-4) and "
+                    "sound (AAC) into one file")
     ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
                     help="show a frame with missing slices (concealed) this long after its first slice")
     ap.add_argument("--frame-log", metavar="PATH", help="JSON lines per shown frame (as streamer.receive's)")
@@ -331,28 +338,35 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec.quantizer.check_level(args.level)
     size = cli.check_frame_size(codec, args.size)
     source: FrameSource = open_source(args.source, size, args.fps, quiet=args.quiet)
+    try:
+        audio = open_audio(args.audio, source, quiet=args.quiet)
+    except BaseException:
+        source.close()
+        raise
     sig = Signaling(server, room, token, ROLE, name="streamer.call")
     try:
         await sig.connect()
     except BaseException:
         source.close()
+        audio.close()
         raise
     loop = asyncio.get_running_loop()
     try:
         recorder = open_recorder("call", args.record, args.fps)
     except BaseException:
         source.close()
+        audio.close()
         await sig.close()
         raise
     if not args.quiet:
-        print(f"call: joined room {room!r} at {server} as {sig.peer_id}; source {source.name} at "
+        print(f"call: joined room {room!r} at {server} as {sig.peer_id}; source {source.name}, sound {audio.name}, at "
               f"{size}x{size} {args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure, quiet=True,
                 level=args.level, keyframe_interval=args.keyframe_interval, kbps=args.kbps or None,
-                recovery=args.recovery)
+                recovery=args.recovery, audio=audio)
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=True,
-                  frame_size=size)
+                  frame_size=size, audio=open_sink("call", args, recorder))
     call = Call(tx, rx, sig, cfg, ice_addresses=ice, stun=args.stun, quiet=args.quiet, stay=args.stay)
     if on_start is not None:
         on_start(call)

@@ -28,6 +28,7 @@ import numpy as np
 from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S, AssembledFrame, FrameAssembler
+from .audio import AudioSink, AVSync, open_player
 from .codec import NeuralCodec
 from .record import Recorder
 from .signaling import KIND_DECODED, Picture, Signaling, resolve_server
@@ -55,8 +56,10 @@ class Receiver:
     def __init__(self, codec: NeuralCodec, sig: Signaling, *, ice_addresses: list[str] | None = None,
                  stun: list[str] = (), recorder: Recorder | None = None, fps: float = 30.0,
                  frame_log: FrameLog | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
-                 quiet: bool = False, frame_size: int | None = None) -> None:
+                 quiet: bool = False, frame_size: int | None = None, audio: AudioSink | None = None) -> None:
         self.codec, self.sig = codec, sig
+        # the other end's sound (counted, and recorded / played with --record / --play)
+        self.audio = audio or AudioSink(recorder)
         self.ice, self.stun = ice_addresses, list(stun)
         self.recorder, self.fps, self.quiet = recorder, fps, quiet
         self.frame_log = frame_log or FrameLog(None)
@@ -109,6 +112,8 @@ class Receiver:
         def on_datachannel(channel: Any) -> None:
             self.attach(channel, channel.label == T.LATENT_LABEL)
 
+        pc.on("track", self.take_track)
+
         try:
             answer = await T.accept_offer(pc, offer, self.ice)
         except Exception as e:  # noqa: BLE001 - a bad offer must not end the receiver
@@ -123,6 +128,11 @@ class Receiver:
         self.calls += 1
         self._shown_at_call = self.shown
         self._parse_pool.submit(self.assembler.reset)
+
+    def take_track(self, track: Any) -> None:
+        """The other end's media track: its sound goes to the sink (no video track is sent)."""
+        if track.kind == "audio":
+            self.audio.consume(track)
 
     def attach(self, channel: Any, latents: bool) -> None:
         """Take this direction's latent channel (`latents`) or its meta channel (the sender's
@@ -224,6 +234,8 @@ class Receiver:
             n = int(m["f"])
         except (ValueError, TypeError, KeyError):
             return
+        if isinstance(m.get("at0"), int):
+            self.audio.sender_t0 = m["at0"]  # the sender's audio clock: sample 0 captured then
         entry = self._meta.setdefault(n, {})
         entry.update({k: v for k, v in m.items() if k in ("crc", "psnr")})
         while len(self._meta) > 512:
@@ -276,6 +288,7 @@ class Receiver:
         self.stats.count("frames")
         self.stats.add_latency(latency)
         self.latencies.append(latency)
+        self.audio.video_latency(latency)
         if frame.complete:
             self._shown[frame.frame_number] = (frame.crc(), frame.reference_ok)
             while len(self._shown) > 512:
@@ -284,8 +297,10 @@ class Receiver:
         self.frame_log.write({"f": frame.frame_number, "cap": frame.timestamp_us, "shown": shown_us,
                               "lat": round(latency, 2), "complete": frame.complete,
                               "rows": frame.rows_received})
-        if self.recorder is not None:
-            self.recorder.write(image, frame.timestamp_us)
+        if self.recorder is not None:  # at its shown time: the sound is written at its play time
+            self.recorder.write(image, shown_us)
+        if self.audio.av_sync is not None:
+            self.audio.av_sync.video(shown_us, frame.timestamp_us, image)
         now = time.monotonic()
         if self._has_viewers() and now - self._last_publish >= 1.0 / self.fps:
             self._last_publish = now
@@ -311,6 +326,11 @@ class Receiver:
         self.stats.totals["keyframe_requests"] = self.keyframe_requests
         self.stats.totals["mismatched"] = self.mismatched
         self.stats.totals["known_broken"] = self.known_broken
+        self.stats.totals["audio_frames"] = self.audio.frames
+        self.stats.totals["audio_ms"] = round(self.audio.ms)
+        if self.audio.audio_delay_ms is not None:  # capture -> play, and how much of it is alignment
+            self.stats.values["audio_delay_ms"] = round(self.audio.audio_delay_ms, 1)
+            self.stats.values["audio_aligned_ms"] = round(self.audio.delay_us / 1000, 1)
         self.stats.values["psnr"] = round(sum(self._psnr) / len(self._psnr), 2) if self._psnr else None
         self.stats.values["decode_ms"] = round(sum(self._decode_ms) / len(self._decode_ms), 1) if self._decode_ms else None
         self._psnr, self._decode_ms = [], []
@@ -370,6 +390,7 @@ class Receiver:
             self._poll_handle.cancel()
         self._parse_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.audio.close()
 
     def summary(self) -> dict[str, Any]:
         n = self.assembler.n
@@ -380,6 +401,10 @@ class Receiver:
                 "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
                 "mismatched": self.mismatched, "known_broken": self.known_broken, "bytes": n.bytes, "calls": self.calls,
                 "latency_ms": {q: round(percentile(lat, int(q[1:])) or 0, 1) for q in ("p50", "p95", "p99")},
+                "audio_frames": self.audio.frames, "audio_ms": round(self.audio.ms),
+                "audio_delay_ms": self.audio.audio_delay_ms and round(self.audio.audio_delay_ms, 1),
+                "audio_aligned_ms": round(self.audio.delay_us / 1000, 1),
+                **({"av_sync": self.audio.av_sync.summary()} if self.audio.av_sync is not None else {}),
                 "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
                 "history": list(self.stats.history)}
 
@@ -391,7 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=0,
                     help="the call's frame side, as the sender's --size (default: the model's own); "
                     "packets of any other shape are refused unparsed")
-    ap.add_argument("--record", metavar="PATH", help="record the shown pictures (H.264 or MPEG-4, by PyAV)")
+    ap.add_argument("--record", metavar="PATH", help="record the shown pictures (H.264 or MPEG-4, by PyAV) "
+                    "and the sound (AAC) into one file")
+    add_audio_args(ap)
     ap.add_argument("--fps", type=float, default=30.0, help="most pictures per second published to viewers")
     ap.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_S * 1000,
                     help="show a frame with missing slices (concealed) when none came for this long; the least: "
@@ -403,9 +430,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def add_audio_args(ap: argparse.ArgumentParser) -> None:
+    """The receiving end's sound options (streamer.receive and streamer.call)."""
+    ap.add_argument("--play", action="store_true", help="play the other end's sound on this machine's output "
+                    "device (default: only counted, and recorded with --record)")
+    ap.add_argument("--measure-av", action="store_true", help="measure lip-sync from a sender with --audio tone "
+                    "--source synthetic:flash: each beep as played vs its flash as shown (summary's av_sync)")
+    ap.add_argument("--audio-delay-ms", default="auto", metavar="MS|auto",
+                    help="play and record the sound this much later; auto (default): later by as much as it "
+                    "would come before its pictures (the pictures' delay against the sender's audio clock)")
+
+
+def open_sink(prog: str, args: argparse.Namespace, recorder: Recorder | None) -> AudioSink:
+    """The sink of the other end's sound, per the options (--play without a device: one line)."""
+    player = open_player(prog, args.quiet) if args.play else None
+    return AudioSink(recorder, player, AVSync() if args.measure_av else None, args.audio_delay_ms)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What can be checked before loading a model or connecting (ConfigError, exit 2)."""
     cli.check_common_args(args)
+    if args.audio_delay_ms != "auto":
+        given = args.audio_delay_ms
+        try:
+            args.audio_delay_ms = float(given)
+        except ValueError:
+            args.audio_delay_ms = float("nan")  # (fails the check below)
+        cli.require(0 <= args.audio_delay_ms <= 2000,
+                    f"--audio-delay-ms must be auto or a number of ms in 0..2000, got {given}")
     cli.require(args.fps > 0, f"--fps must be positive, got {args.fps:g}")
     cli.require(args.deadline_ms > 0, f"--deadline-ms must be positive, got {args.deadline_ms:g}")
     if args.record:
@@ -435,7 +487,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
         raise
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=args.quiet,
-                  frame_size=size)
+                  frame_size=size, audio=open_sink("receive", args, recorder))
     if not args.quiet:
         print(f"receive: joined room {room!r} at {server} as {sig.peer_id}; waiting for a sender", flush=True)
     if on_start is not None:
@@ -462,7 +514,7 @@ def open_recorder(prog: str, path: str | None, fps: float) -> Recorder | None:
 
     def recording_failed(message: str) -> None:
         loop.call_soon_threadsafe(print, f"{prog}: {message}; the call goes on unrecorded", file=sys.stderr)
-    return Recorder(path, fps, on_error=recording_failed)
+    return Recorder(path, fps, on_error=recording_failed, audio=True)
 
 
 async def close_recorder(prog: str, recorder: Recorder | None, path: str | None, quiet: bool) -> bool:
@@ -475,7 +527,8 @@ async def close_recorder(prog: str, recorder: Recorder | None, path: str | None,
               file=sys.stderr, flush=True)
         return False
     if not quiet:
-        print(f"{prog}: recorded {recorder.written} frames to {path} ({recorder.codec_name})", flush=True)
+        print(f"{prog}: recorded {recorder.written} frames and {recorder.audio_written / 48000:.1f} s of sound "
+              f"to {path} ({recorder.codec_name})", flush=True)
     return True
 
 

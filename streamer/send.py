@@ -29,6 +29,7 @@ from server.protocol import bitrate_error
 from . import cli
 from . import transport as T
 from .assembler import codes_crc
+from .audio import AudioSource, check_audio_spec, open_audio
 from .codec import NeuralCodec
 from .metrics import psnr
 from .receive import jpeg
@@ -47,8 +48,11 @@ class Sender:
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
                  quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
-                 inter: bool = True, kbps: float | None = None, recovery: str = DEFAULT_RECOVERY) -> None:
+                 inter: bool = True, kbps: float | None = None, recovery: str = DEFAULT_RECOVERY,
+                 audio: AudioSource | None = None) -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
+        self.audio = audio  # our sound: one audio track per call, on the same peer connection
+        self.audio_track: Any = None
         # step-mode models: the quantizer level (step size) frames are sent at; a rate
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
@@ -84,6 +88,7 @@ class Sender:
         await self.close_call()
         self.receiver_id = receiver_id
         pc = self.pc = T.create_peer_connection(self.stun)
+        self.add_audio(pc)
         self.attach(pc, *T.create_channels(pc, self.cfg), receiver_id)
 
         @pc.on("connectionstatechange")
@@ -96,6 +101,14 @@ class Sender:
 
         offer = await T.make_offer(pc, self.ice)
         await self.sig.signal(receiver_id, offer)
+
+    def add_audio(self, pc: Any) -> list[Any]:
+        """Our sound's track on `pc`, before its offer or answer (the list given to accept_offer)."""
+        if self.audio is None:
+            return []
+        track = self.audio_track = self.audio.track()
+        pc.addTrack(track)
+        return [track]
 
     def attach(self, pc: Any, latents: Any, meta: Any, receiver_id: str) -> None:
         """Send this direction's frames on `latents` and its side messages on `meta`, channels of
@@ -206,7 +219,10 @@ class Sender:
             if cand.refresh_rows is not None:
                 self.stats.count("refresh_frames")  # P-frames that sent a band intra
             self.stats.count("bytes", nbytes)
-            self._send_meta({"f": number, "crc": codes_crc(q.codes)})
+            meta: dict[str, Any] = {"f": number, "crc": codes_crc(q.codes)}
+            if number % 10 == 0 and self.audio_track is not None and self.audio_track.epoch0 is not None:
+                meta["at0"] = self.audio_track.epoch0  # our sound's capture clock: the receiver aligns to it
+            self._send_meta(meta)
             if self.measure and not self._measuring:  # latest-only: skip while one is running
                 self._measuring = True
                 fut = loop.run_in_executor(self._measure_pool, self._local_psnr, cap.image, q)
@@ -337,6 +353,8 @@ class Sender:
     def release(self) -> None:
         """The source and the threads, at the end (after the loops)."""
         self.source.close()
+        if self.audio is not None:
+            self.audio.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._measure_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -347,6 +365,7 @@ class Sender:
                 "refresh_frames": self.stats.totals.get("refresh_frames", 0),
                 "target_kbps": self.rate.target_kbps if self.rate is not None else None,
                 "captured": self.source.captured, "capture_dropped": self.source.dropped,
+                "audio": self.audio.name if self.audio is not None else None,
                 "loss_dropped": self.injector.dropped if self.injector else 0, "loss_end_us": self.loss_end_us,
                 "model": f"{self.codec.name} {self.codec.model_id:08x}", "transport": self.cfg.mode,
                 "cpu_s": round(time.process_time(), 2), "wall_s": round(time.monotonic() - STARTED, 2),
@@ -373,6 +392,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--source", default="auto",
                     help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | browser | PATH")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
+    add_audio_arg(ap)
     ap.add_argument("--size", type=int, default=0, help="model input side (default: the model's own)")
     ap.add_argument("--kbps", type=float, default=None,
                     help=f"bitrate to hold (default {DEFAULT_KBPS:g}; 0: every frame at --level): the quantizer "
@@ -401,9 +421,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def add_audio_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--audio", default="auto", metavar="SPEC",
+                    help="our sound: auto (the video source's own, else the microphone, else silence) | "
+                    "mic[:DEVICE] | sample | tone (a beep each second, for measuring) | none | PATH")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What can be checked before loading a model or connecting (ConfigError, exit 2)."""
     cli.check_common_args(args)
+    check_audio_spec(args.audio)
     cli.require(0 < args.fps <= 240, f"--fps must be in (0, 240], got {args.fps:g}")
     cli.require(0 <= args.simulate_loss < 1, f"--simulate-loss must be in [0, 1), got {args.simulate_loss:g}")
     cli.require(args.loss_seconds >= 0, f"--loss-seconds must be 0 or more, got {args.loss_seconds:g}")
@@ -431,19 +458,25 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec.quantizer.check_level(args.level)  # a bad --level: say so before joining the room
     size = cli.check_frame_size(codec, args.size)
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
+    try:
+        audio = open_audio(args.audio, source, quiet=args.quiet)
+    except BaseException:
+        source.close()
+        raise
     sig = Signaling(server, room, token, "sender", name="streamer.send")
     try:
         await sig.connect()
     except BaseException:
         source.close()
+        audio.close()
         raise
     if not args.quiet:
         print(f"send: joined room {room!r} at {server}; source {source.name} at {size}x{size} "
-              f"{args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
+              f"{args.fps:g} fps, sound {audio.name}; model {codec.name} ({codec.model_id:08x})", flush=True)
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
                 quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
-                inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery)
+                inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery, audio=audio)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

@@ -39,6 +39,25 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+# The lip-sync marker: the first MARK_S of every second of the capture clock. The `tone` audio
+# source beeps then and a `:flash` source (synthetic:flash, sample:flash) whitens its top-left
+# quarter-side square then (streamer/audio.py): a corner, not the whole picture, so the flash
+# costs the rate controller little.
+MARK_S = 0.1
+FLASH_LEVEL = 200  # the corner's mean level in a flash picture (255 sent; the pattern's is lower)
+
+
+def marked(timestamp_us: int) -> bool:
+    """Whether this capture instant is inside a second's marker (beep / flash)."""
+    return timestamp_us % 1_000_000 < MARK_S * 1_000_000
+
+
+def flash_shown(image: np.ndarray) -> bool:
+    """Whether a (decoded) picture shows the flash marker."""
+    q = max(1, min(image.shape[:2]) // 4)
+    return float(image[:q:2, :q:2].mean()) > FLASH_LEVEL
+
+
 @dataclass
 class CapturedFrame:
     image: np.ndarray  # (size, size, 3) uint8 RGB
@@ -133,6 +152,7 @@ class FrameSource:
 
     name = "source"
     self_paced = False
+    flash = False  # whiten the corner at each second's marker (the lip-sync measurement's picture)
 
     def __init__(self, size: int, fps: float) -> None:
         if fps <= 0:
@@ -179,6 +199,10 @@ class FrameSource:
     def _emit(self, raw: np.ndarray, timestamp_us: int | None = None) -> None:
         ts = now_us() if timestamp_us is None else timestamp_us
         image = prepare(raw, self.size)
+        if self.flash and marked(ts):
+            q = max(1, self.size // 4)
+            image = image.copy()
+            image[:q, :q] = 255
         self._seq += 1
         self.captured += 1
         self.slot.put(CapturedFrame(image, ts, self._seq))
@@ -253,9 +277,15 @@ class FileSource(FrameSource):
         self.loop = loop
         self._container: av.container.InputContainer | None = None
         self._frames = None
+        # the clip's clock, which the file's sound follows (streamer/audio.py): the last frame's
+        # time in the file, when it was read, and how often the clip started again
+        self.clip: tuple[float, int] | None = None
+        self.loops = -1
         self._open()  # fail now (clear message), not in the capture thread
         rate = self._container.streams.video[0].average_rate if self._container else None
-        super().__init__(size, fps or (float(rate) if rate else 25.0))
+        self.file_rate = float(rate) if rate else 25.0
+        self.has_audio = bool(self._container and self._container.streams.audio)
+        super().__init__(size, fps or self.file_rate)
         self.name = f"file:{self.path.name}"
 
     def _open(self) -> None:
@@ -266,13 +296,16 @@ class FileSource(FrameSource):
                 raise SourceError(f"{self.path} has no video stream")
             self._container.streams.video[0].thread_type = "AUTO"
             self._frames = self._container.decode(video=0)
+            self.loops += 1
         except (av.error.FFmpegError, OSError) as e:
             raise SourceError(f"cannot open video {self.path}: {e}") from None
 
     def _read(self) -> np.ndarray | None:
         for attempt in range(2):
             try:
-                return next(self._frames).to_ndarray(format="rgb24")  # type: ignore[arg-type]
+                frame = next(self._frames)  # type: ignore[arg-type]
+                self.clip = (float(frame.time or 0.0), now_us())
+                return frame.to_ndarray(format="rgb24")
             except StopIteration:
                 if not self.loop:
                     self._stop.set()
@@ -468,6 +501,10 @@ def open_source(spec: str, size: int = 224, fps: float = 30.0, quiet: bool = Fal
         src = FileSource(SAMPLE_CLIP, size, fps)
         src.name = "sample"
         return src
+    if spec in ("synthetic:flash", "sample:flash"):  # the lip-sync marker on top (see `marked`)
+        src = open_source(spec.partition(":")[0], size, fps, quiet)
+        src.flash, src.name = True, spec
+        return src
     if spec == "synthetic":
         return SyntheticSource(size, fps)
     if spec == "webcam" or spec.startswith("webcam:"):
@@ -484,4 +521,4 @@ def open_source(spec: str, size: int = 224, fps: float = 30.0, quiet: bool = Fal
 
 
 __all__ = ["CapturedFrame", "FrameSlot", "FrameSource", "SyntheticSource", "FileSource", "WebcamSource",
-           "BrowserSource", "open_source", "prepare", "decode_jpeg", "now_us", "FrameSizeError"]
+           "BrowserSource", "open_source", "prepare", "decode_jpeg", "now_us", "marked", "flash_shown", "FrameSizeError"]

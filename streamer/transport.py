@@ -211,10 +211,15 @@ async def make_offer(pc: RTCPeerConnection, ice_addresses: Sequence[str] | None 
 
 
 async def accept_offer(pc: RTCPeerConnection, offer: dict[str, Any],
-                       ice_addresses: Sequence[str] | None = None) -> dict[str, str]:
-    """Apply a remote offer and return our answer."""
+                       ice_addresses: Sequence[str] | None = None,
+                       add_tracks: Callable[[RTCPeerConnection], object] | None = None) -> dict[str, str]:
+    """Apply a remote offer and return our answer. `add_tracks(pc)` adds our media tracks in
+    between: after the offer made the transceivers (ours then take the offered audio one),
+    before the answer (which then says sendrecv)."""
     sdp = filter_remote_candidates(str(offer["sdp"]), ice_addresses)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    if add_tracks is not None:
+        add_tracks(pc)
     with restrict_ice(ice_addresses):
         await pc.setLocalDescription(await pc.createAnswer())
     return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}

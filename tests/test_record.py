@@ -76,3 +76,36 @@ def test_an_unwritable_path_is_a_config_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="cannot record"):
         Recorder(tmp_path / "file" / "sub.mp4")
+
+
+def test_sound_and_pictures_share_one_clock(tmp_path):
+    """Beeps written 30 ms after their flashes come out of the file 30 ms after them; sound
+    that came before the first picture is kept; a gap in the sound is silence, not a jump."""
+    from streamer.audio import tone
+    from streamer.sources import marked
+
+    from test_audio import beeps_and_flashes, paired
+
+    path = tmp_path / "av.mp4"
+    rec = Recorder(path, fps=30, audio=True)
+    t0 = 1_700_000_000_000_000 + 500_000  # half-way through a second
+    frames = [(t0 + k * 20_000, "a") for k in range(5 * 50)] + [(t0 + 100_000 + k * 40_000, "v") for k in range(118)]
+    for ts, kind in sorted(frames):
+        if kind == "v":
+            img = np.full((64, 64, 3), 60, np.uint8)
+            if marked(ts):
+                img[:16, :16] = 255  # the flash marker's corner
+            rec.write(img, ts, block=True)
+        elif not 2_600_000 <= ts - t0 < 2_700_000:  # 100 ms of sound never came
+            rec.write_audio(tone(ts, 960), ts + 30_000, block=True)  # heard 30 ms late
+    rec.close()
+    assert rec.error is None and rec.written == 118 and rec.audio_dropped == 0
+    beeps, flashes = beeps_and_flashes(path)
+    assert len(beeps) == 5 and len(flashes) == 5  # a marker at each second, 0.5 s into the file
+    offsets = paired(beeps, flashes)
+    assert len(offsets) == 5 and all(abs(o + 30) <= 3 for o in offsets), offsets  # sound 30 ms late
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        assert a.codec_context.name == "aac" and a.sample_rate == 48000
+        samples = sum(f.samples for f in c.decode(audio=0))
+    assert samples == pytest.approx(5 * 48000, abs=2048)  # the gap was filled: the length holds

@@ -48,6 +48,12 @@ asks for recovery_ms <= 1000 and freeze_after_loss_ms <= 200 (the "issue13" flag
 sending --source at --fps and --kbps and showing the other's picture over one peer connection;
 the same numbers per direction (a->b: the first caller's frames shown by the second), from each
 caller's frame log and summary; no loss.
+
+Sound (--audio SPEC, default auto: the sample clip's own): every sender sends it; the received
+audio frames and ms are reported. --audio tone measures lip-sync: the source becomes
+`sample:flash` (the sample clip, a corner whitened at each beep; unless --source says otherwise), the receivers run with --measure-av, and
+av_offset_ms (p5/p50/p95: each beep as played vs its flash as shown; positive = sound early;
+ITU-R BT.1359 tolerates +45 / -125 ms) is reported per direction.
 """
 
 from __future__ import annotations
@@ -315,13 +321,13 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
                   "--weights", args.weights, "--backend", args.backend, "--threads", str(args.threads), "--quiet"]
         if args.rto_min is not None:
             common += ["--sctp-rto-min", str(args.rto_min)]
-        procs["receiver"] = _spawn(["-m", "streamer.receive", *common,
+        procs["receiver"] = _spawn(["-m", "streamer.receive", *common, *_measure_av(args),
                                     f"--token={role_token(secret, room, 'receiver')}", "--frame-log", str(tmp / "frames.jsonl"),
                                     "--summary", str(tmp / "receiver.json")], tmp / "receiver.log")
         time.sleep(0.5)
         loss_s = args.loss_seconds if args.loss_seconds is not None else args.seconds / 2
         send = ["-m", "streamer.send", *common, f"--token={role_token(secret, room, 'sender')}", "--source", args.source, "--fps", str(args.fps),
-                "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms),
+                "--audio", args.audio, "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms),
                 "--seconds", str(args.seconds + startup), "--summary", str(tmp / "sender.json")]
         if args.size:
             send += ["--size", str(args.size)]
@@ -365,6 +371,7 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
     events = [r for r in records if "shown" not in r]
     loss_end_us = sender.get("loss_end_us") if loss > 0 else None
     result = analyse(frames, sender, receiver, args.seconds, loss_end_us)
+    result.update(sound(receiver))
     wall = args.seconds + startup
     pct: dict[str, float | None] = {}
     for name, summ in (("sender", sender), ("receiver", receiver)):
@@ -376,7 +383,8 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
         live = [h["cpu"] for h in summ.get("history", []) if h.get("fps", 0) > 0]
         if live:
             result.setdefault("cpu_pct_in_call", {})[name] = round(sum(live) / len(live), 1)
-    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
+    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "audio": args.audio,
+                        "audio_delay_ms": args.audio_delay_ms, "transport": args.transport,
                         "loss": loss, "loss_seconds": loss_s if loss > 0 else 0, "weights": args.weights,
                         "backend": args.backend, "threads": args.threads, "rto_min": args.rto_min,
                         "kbps": args.kbps, "level": args.level, "recovery": args.recovery, "measure": measure, "model": sender.get("model")}
@@ -407,6 +415,7 @@ def two_way(args: argparse.Namespace) -> dict[str, Any]:
         common = ["-m", "streamer.call", "--server", ws, "--room", room, "--ice-address", "127.0.0.1",
                   f"--token={role_token(secret, room, 'caller')}", "--weights", args.weights, "--backend",
                   args.backend, "--threads", str(args.threads), "--quiet", "--source", args.source,
+                  "--audio", args.audio, *_measure_av(args),
                   "--fps", str(args.fps), "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms)]
         for flag, value in (("--size", args.size or None), ("--kbps", args.kbps), ("--level", args.level),
                             ("--recovery", args.recovery), ("--sctp-rto-min", args.rto_min)):
@@ -443,6 +452,7 @@ def two_way(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"two_way": True}
     for direction, src, dst in (("a_to_b", "a", "b"), ("b_to_a", "b", "a")):
         d = analyse(frames[dst], summ[src].get("send", {}), summ[dst].get("recv", {}), args.seconds, None)
+        d.update(sound(summ[dst].get("recv", {})))
         live = [h["cpu"] for h in summ[src].get("send", {}).get("history", []) if h.get("fps", 0) > 0]
         if live:
             d["cpu_pct_in_call_of_sender"] = round(sum(live) / len(live), 1)  # one process: both directions
@@ -450,7 +460,8 @@ def two_way(args: argparse.Namespace) -> dict[str, Any]:
         if "error" in d:
             result["error"] = f"{direction}: {d['error']}"
             result[f"{src}.log"] = (tmp / f"{src}.log").read_text(errors="replace")[-2000:]
-    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "transport": args.transport,
+    result["config"] = {"seconds": args.seconds, "fps": args.fps, "source": args.source, "audio": args.audio,
+                        "audio_delay_ms": args.audio_delay_ms, "transport": args.transport,
                         "weights": args.weights, "backend": args.backend, "threads": args.threads,
                         "kbps": args.kbps, "level": args.level, "recovery": args.recovery,
                         "model": summ["a"].get("send", {}).get("model")}
@@ -476,9 +487,39 @@ def report_two_way(r: dict[str, Any]) -> str:
                      f"  bit-exact {d['verified_bit_exact']} mismatched {d['mismatched']}  concealed {d['concealed']}"
                      f"  longest freeze {d['longest_freeze_ms']:.0f} ms  cpu (caller) "
                      f"{d.get('cpu_pct_in_call_of_sender', 'n/a')}%")
+        lines.extend(report_sound(d, f"  {direction}  "))
     lines.append(f"  load avg {r['machine']['loadavg_start'][0]} -> {r['machine']['loadavg_end'][0]} on "
                  f"{r['machine']['cpus']} cpus; logs {r['logs']}")
     return "\n".join(lines)
+
+
+def _measure_av(args: argparse.Namespace) -> list[str]:
+    """The receiving ends' sound options: lip-sync measured with --audio tone, the alignment."""
+    return (["--measure-av"] if args.audio == "tone" else []) + ["--audio-delay-ms", str(args.audio_delay_ms)]
+
+
+def sound(recv: dict[str, Any]) -> dict[str, Any]:
+    """The receiving end's sound numbers: audio frames and ms, and with --audio tone the lip-sync."""
+    out: dict[str, Any] = {k: recv.get(k) for k in ("audio_frames", "audio_ms", "audio_delay_ms", "audio_aligned_ms")}
+    if "av_sync" in recv:
+        out["av_sync"] = recv["av_sync"]
+        out["av_offset_ms"] = recv["av_sync"].get("av_offset_ms")
+    return out
+
+
+def report_sound(r: dict[str, Any], indent: str) -> list[str]:
+    lines = [f"{indent}sound      {r.get('audio_frames')} audio frames received ({(r.get('audio_ms') or 0) / 1000:.1f} s); "
+             f"capture -> play {r.get('audio_delay_ms')} ms at the end, of which alignment delay "
+             f"{r.get('audio_aligned_ms')} ms"]
+    av = r.get("av_sync")
+    if av:
+        def fmt(d: dict[str, Any]) -> str:
+            return " / ".join("n/a" if d.get(k) is None else f"{d[k]:+.0f}" for k in ("p5", "p50", "p95"))
+        lines.append(f"{indent}lip-sync   av_offset_ms p5/p50/p95 {fmt(av['av_offset_ms'])} (+ = sound early; "
+                     f"BT.1359: +45 / -125) over {av['pairs']} beeps, {av['within_bt1359']} within; less the "
+                     f"flash's capture phase {fmt(av['path_offset_ms'])}; after the marker: sound p50 "
+                     f"{av['audio_after_marker_ms']['p50']} ms, picture p50 {av['video_after_marker_ms']['p50']} ms")
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -565,6 +606,7 @@ def report(r: dict[str, Any]) -> str:
         f"  integrity  bit-exact {r['verified_bit_exact']}  mismatched {r['mismatched']}  bad packets {r['bad_packets']}"
         f"  late slices {r['late_slices']}  longest freeze {r['longest_freeze_ms']:.0f} ms",
     ]
+    lines.extend(report_sound(r, "  "))
     if "freeze_after_loss_ms" in r:
         lines.append(f"  loss       {r['loss_dropped_packets']} packets dropped; longest freeze after loss stopped "
                      f"{r['freeze_after_loss_ms']:.0f} ms; during loss {r['during_loss']}")
@@ -733,7 +775,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--transport-only", action="store_true",
                     help="compare the channel designs without the codec: pre-encoded frames, no decode, one process")
     ap.add_argument("--lifetime-ms", type=int, default=100)
-    ap.add_argument("--source", default="sample")
+    ap.add_argument("--source", default=None, help="the senders' --source (default sample; sample:flash "
+                    "with --audio tone)")
+    ap.add_argument("--audio", default="auto", help="the senders' --audio (default auto: the sample clip's own "
+                    "sound); tone: measure lip-sync")
+    ap.add_argument("--audio-delay-ms", default="auto", help="the receiving ends' --audio-delay-ms (default auto: "
+                    "sound that would come before its pictures is delayed; 0: never)")
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--kbps", type=float, default=None, help="the sender's bitrate target (default: its own, 300)")
@@ -757,6 +804,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.source is None:
+        args.source = "sample:flash" if args.audio == "tone" else "sample"
     if args.transport_only:
         r = transport_only(args)
         print(json.dumps(r) if args.json else report_transport(r))
