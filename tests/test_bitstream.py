@@ -92,11 +92,14 @@ def test_parser_rejects_foreign_version_model_and_shape():
 
     # versions 1 and 2 began with b"NVCF" and the version byte; a v2 header of the same slice
     legacy = reseal(b"NVCF" + bytes([2]) + bytes(37) + good[bitstream.HEADER_BYTES:-4])
-    with pytest.raises(PacketError, match="version 2; this decoder reads version 3"):
+    with pytest.raises(PacketError, match="version 2; this decoder reads version 4"):
         unpack(legacy)
     body = bytearray(good[:-4])
-    body[0] = 0xA4  # a later version of this format
-    with pytest.raises(PacketError, match="version 4"):
+    body[0] = 0xA5  # a later version of this format
+    with pytest.raises(PacketError, match="version 5; this decoder reads version 4"):
+        unpack(reseal(bytes(body)))
+    body[0] = 0xA3  # version 3: its header, but residuals coded in one pass
+    with pytest.raises(PacketError, match="version 3; this decoder reads version 4"):
         unpack(reseal(bytes(body)))
     body[:4] = b"RIFF"
     with pytest.raises(PacketError, match="not a frame packet"):

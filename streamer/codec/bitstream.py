@@ -5,11 +5,13 @@ A frame's latents (C, H, W) travel as one or more *slices*: each slice carries a
 rows [row_start, row_start + row_count) for all channels and is decodable on its own, so a lost
 slice costs only its rows (the receiver conceals them) and a slice can fit one SCTP chunk.
 
-Layout (big-endian), version 3 (a compact header: at call rates a frame is one or two slices of
-~1,200 bytes, and version 2's 46 bytes of header and CRC per slice were ~7 % of 300 kbps)::
+Layout (big-endian), version 4 (version 3's header, a compact one: at call rates a frame is one
+or two slices of ~1,200 bytes, and version 2's 46 bytes of header and CRC per slice were ~7 % of
+300 kbps; version 4 codes an inter slice's residuals in two passes per row, a narrow table and
+an escape to the tail, residual.py)::
 
     offset size  field
-     0     1     magic_version 0xA3: a frame packet of format version 3
+     0     1     magic_version 0xA4: a frame packet of format version 4
      1     1     flags         bit 7 frame type (0 intra: codes; 1 inter: residuals against the
                                reference, range-coded; see residual.py and session.py), bit 6
                                coding (0 raw bit-packed codes, 1 range-coded, entropy.py tables),
@@ -34,8 +36,8 @@ The sender range-codes a slice when the model has entropy tables and that is sma
 (`ForeignPacketError` for a packet of another model or latent shape), and its work is
 bounded by the packet's bytes and the receiver's expected latent shape, not by the header's
 claims (see `unpack`).
-Versions 1 and 2 (their packets begin with b"NVCF" and the version byte) are refused with a
-message naming the version.
+Versions 1 and 2 (their packets begin with b"NVCF" and the version byte) and version 3 (0xA3)
+are refused with a message naming the version.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from .presets import STRIDE
 from .quantizer import Quantized
 from .residual import ResidualCoder
 
-VERSION = 3
-MAGIC_VERSION = 0xA0 | VERSION  # the first byte of every version-3 packet
+VERSION = 4
+MAGIC_VERSION = 0xA0 | VERSION  # the first byte of every version-4 packet
 LEGACY_MAGIC = b"NVCF"  # versions 1 and 2: magic, then the version byte
 CODING_RAW = 0
 CODING_RANGE = 1
