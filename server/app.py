@@ -32,7 +32,16 @@ from websockets.http11 import Request, Response
 
 from . import protocol as P
 from . import tokens
-from .rooms import CALL_ROLES, CALLER, JOIN_ROLES, MAX_CALLERS, VIEWER_UPDATE_INTERVAL_S, Peer, Room
+from .rooms import (
+    CALL_ROLES,
+    CALLER,
+    FACE,
+    JOIN_ROLES,
+    MAX_CALLERS,
+    VIEWER_UPDATE_INTERVAL_S,
+    Peer,
+    Room,
+)
 from .static import default_client_dir, serve_file
 
 log = logging.getLogger("server")
@@ -42,6 +51,10 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MAX_JSON_DEPTH = 32  # control messages are shallow; deeper nesting is refused as bad_json
 CAMERA_MAX_FPS = 60.0  # kind-3 frames passed on to the sender per second, at most
+AUDIO_QUEUE_CHUNKS = 25  # a page's microphone chunks waiting for its program, at most (0.5 s)
+PEER_ID_DIGITS = 8  # server.rooms.Peer ids: secrets.token_hex(4)
+WATCH_ONLY = ("this link only watches: a caller's own page (the link its streamer.call "
+              "prints) steers that call")
 SHUTDOWN_GRACE_S = 0.5  # how long a clean close may take at shutdown before the socket is cut
 BAD_TOKEN_MESSAGE = ("wrong room or token for this role (use the join URL the server printed "
                      "for it: the viewers' link only watches)")
@@ -183,10 +196,25 @@ class CallServer:
         # token or the camera one. An unknown room is checked against a decoy secret: the same
         # work and the same answer, so a guess cannot tell which rooms exist.
         secret = room.secret if room is not None else self._decoy_secret
-        credentials = ("viewer", "camera") if role == "viewer" else (role,)
-        valid = [tokens.matches(secret, room_name, c, token) for c in credentials]
+        face_of = msg.get("peer") if role == FACE else None
+        if role == FACE:
+            # a caller's page: the token its program got in `joined`, for that program's peer id
+            if not (isinstance(face_of, str) and len(face_of) == PEER_ID_DIGITS
+                    and all(c in "0123456789abcdef" for c in face_of)):
+                raise Refusal(P.BAD_MESSAGE, "a face join needs peer: the peer id (8 hex digits) "
+                              "of its call program (the page link streamer.call prints has it)")
+            valid = [tokens.face_matches(secret, room_name, face_of, token)]
+        else:
+            credentials = ("viewer", "camera") if role == "viewer" else (role,)
+            valid = [tokens.matches(secret, room_name, c, token) for c in credentials]
         if room is None or not any(valid):
             raise Refusal(P.BAD_TOKEN, BAD_TOKEN_MESSAGE)
+        if role == FACE:
+            program = room.peers.get(face_of)
+            if program is None or program.role != CALLER:
+                raise Refusal(P.UNKNOWN_PEER, "the call program this page belongs to is not in "
+                              "the room (it ended?): start streamer.call again and open the page "
+                              "link it prints")
         if role == "viewer" and len(room.viewers()) >= room.max_viewers:
             raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has {room.max_viewers} viewers")
         if role == CALLER and len(room.callers()) >= MAX_CALLERS:
@@ -197,10 +225,18 @@ class CallServer:
             raise Refusal(P.ROOM_FULL, f"room {room_name!r} already has its {MAX_CALLERS} callers: "
                           "this call is full")
 
+        joined_role = role
+        if role == FACE:
+            role = "viewer"  # it watches like a viewer; face_of is what it may steer
         peer = Peer(ws=ws, room=room, role=role, name=name,
-                    may_camera=role == "viewer" and valid[1])
+                    may_camera=role == "viewer" and face_of is None and valid[1], face_of=face_of)
         if role == "viewer":
             _limit_send_buffer(ws)
+        if face_of is not None and (old_face := room.face(face_of)) is not None:
+            # one page per program: the newest (a reload, another tab) takes over
+            self._leave(old_face)
+            old_face.outbox.close()
+            asyncio.ensure_future(old_face.ws.close(P.CLOSE_REPLACED, "replaced"))
         if role in P.CALL_ROLES and (old := room.by_role(role)) is not None:  # (callers: above)
             # A restarted sender/receiver must get back in at once: the newcomer wins (it holds
             # this role's token, so it is the same party).
@@ -214,10 +250,14 @@ class CallServer:
         room.peers[peer.peer_id] = peer
         peer.start_writer()
         joined: dict[str, Any] = {"type": "joined", "peer_id": peer.peer_id, "room": room.name,
-                                  "role": role, "peers": others}
+                                  "role": joined_role, "peers": others}
         if role == "viewer":
-            joined["may_send_camera"] = peer.may_camera
+            joined["may_send_camera"] = peer.may_camera or face_of is not None
             joined["may_set_bitrate"] = _may_set_bitrate(peer)
+        if face_of is not None:
+            joined["face_of"] = face_of
+        if role == CALLER:  # for its own page only (the other caller never sees it)
+            joined["face_token"] = tokens.face_token(room.secret, room.name, peer.peer_id)
         peer.send_json(joined)
         if role == "viewer":
             room.viewers_changed()  # to the call peers, latest-only
@@ -330,12 +370,52 @@ class CallServer:
             self._camera(peer, on)
         elif kind == "set_bitrate":
             self._set_bitrate(peer, msg.get("kbps"))
+        elif kind == "hangup":
+            if (program := self._program_of(peer, kind)) is not None:
+                program.outbox.put_latest("hangup", json.dumps(
+                    {"type": "hangup", "from": peer.peer_id}, separators=(",", ":")))
+        elif kind == "mute":
+            camera, microphone = msg.get("camera"), msg.get("microphone")
+            if not (isinstance(camera, bool) and isinstance(microphone, bool)):
+                return self._error(peer, P.BAD_MESSAGE, "mute needs booleans camera and "
+                                   "microphone (the whole state)", about="mute")
+            if (program := self._program_of(peer, kind)) is not None:
+                # latest-only, at most every 0.1 s: a toggled button costs the program the
+                # current state, never a backlog
+                program.outbox.put_latest("mute", json.dumps(
+                    {"type": "mute", "camera": camera, "microphone": microphone,
+                     "from": peer.peer_id}, separators=(",", ":")), VIEWER_UPDATE_INTERVAL_S)
         elif kind == "bitrate":
             self._bitrate_answer(peer, msg)
         elif kind == "join":
             self._error(peer, P.BAD_MESSAGE, "already joined")
         else:
             self._error(peer, P.BAD_MESSAGE, f"unknown message type {kind[:32]!r}")
+
+    def _program_of(self, peer: Peer, about: str) -> Peer | None:
+        """The call program a caller's page steers (None, and one error, when this peer is no
+        such page or its program has left)."""
+        if peer.face_of is None:
+            self._error(peer, P.BAD_MESSAGE, WATCH_ONLY, about=about)
+            return None
+        program = peer.room.peers.get(peer.face_of)
+        if program is None:
+            self._error(peer, P.UNKNOWN_PEER, "your call program has left the room: the call "
+                        "is over", about=about)
+        return program
+
+    def _within_rate(self, peer: Peer, key: str, per_second: float) -> bool:
+        """At most `per_second` messages of `key` in each one-second window (a window, not a
+        minimum gap: a page's timer jitter may bunch two chunks, which must still pass)."""
+        now = asyncio.get_running_loop().time()
+        start, count = peer.rates.get(key, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= per_second:
+            peer.rates[key] = (start, count)
+            return False
+        peer.rates[key] = (start, count + 1)
+        return True
 
     def _camera(self, peer: Peer, on: bool) -> None:
         room = peer.room
@@ -370,8 +450,14 @@ class CallServer:
             return self._error(peer, P.BAD_MESSAGE, why, about="set_bitrate")
         if (problem := P.bitrate_error(kbps)) is not None:
             return self._error(peer, P.BAD_MESSAGE, problem, about="set_bitrate")
-        # a caller asks the other caller (who sends it the picture); the others, the sender
-        sender = peer.room.other_caller(peer) if peer.role == CALLER else peer.room.by_role("sender")
+        # a caller's page asks its own program (its person's picture); a caller asks the other
+        # caller (who sends it the picture); the others, the sender
+        if peer.face_of is not None:
+            sender = peer.room.peers.get(peer.face_of)
+        elif peer.role == CALLER:
+            sender = peer.room.other_caller(peer)
+        else:
+            sender = peer.room.by_role("sender")
         if sender is None:
             return peer.outbox.put_latest("bitrate", _bitrate_text(
                 False, None, "no sender in the call: nothing to set"))
@@ -399,12 +485,19 @@ class CallServer:
         if len(message) > P.MAX_BINARY_BYTES:
             raise Refusal(P.TOO_LARGE, f"pictures are limited to {P.MAX_BINARY_BYTES} bytes",
                           P.CLOSE_TOO_BIG)
-        if len(message) < P.HEADER_SIZE:
-            return self._error_once(peer, "short", P.BAD_MESSAGE, "a binary message starts with "
-                                    f"a {P.HEADER_SIZE}-byte header (kind, frame, timestamp)")
-        kind = message[0]
+        if (problem := P.picture_format_error(message)) is not None:
+            # one error per cause: the old format, not a picture, too short
+            first = message[0] if message else -1
+            cause = "format1" if first in P.OLD_HEADER_KINDS else \
+                "short" if first == P.PICTURE_FORMAT else "format"
+            return self._error_once(peer, cause, P.BAD_MESSAGE, problem)
+        kind = message[1]
         room = peer.room
         peer.received_frames += 1
+        # Whoever sent it, as the server knows it: a page tells the two callers' pictures apart
+        # by this, and no client can claim another's pictures.
+        message = message[:P.SENDER_SLICE.start] + P.sender_bytes(peer.peer_id) + \
+            message[P.SENDER_SLICE.stop:]
         if kind == P.KIND_DECODED and peer.role == "receiver" or \
                 kind == P.KIND_ORIGINAL and peer.role == "sender" or \
                 kind in (P.KIND_DECODED, P.KIND_ORIGINAL) and peer.role == CALLER:
@@ -413,6 +506,21 @@ class CallServer:
             slot = f"{kind}:{peer.peer_id}" if peer.role == CALLER else str(kind)
             for viewer in room.viewers():
                 viewer.outbox.put_latest(slot, message)
+        elif kind in (P.KIND_CAMERA, P.KIND_AUDIO) and peer.face_of is not None:
+            # a caller's page feeds its own program only (--source browser)
+            if (program := room.peers.get(peer.face_of)) is None:
+                return self._error_once(peer, "no-program", P.UNKNOWN_PEER, "your call program "
+                                        "has left the room: the call is over")
+            if kind == P.KIND_CAMERA:
+                if self._within_rate(peer, "camera", CAMERA_MAX_FPS):
+                    program.outbox.put_latest(str(kind), message)
+                return
+            try:
+                P.unpack_pcm(message[P.HEADER_SIZE:])
+            except ValueError as exc:
+                return self._error_once(peer, "pcm", P.BAD_MESSAGE, str(exc))
+            if self._within_rate(peer, "audio", P.AUDIO_MAX_CHUNKS_PER_S):
+                program.outbox.put_stream("audio", message, AUDIO_QUEUE_CHUNKS)
         elif kind == P.KIND_CAMERA and peer.role == "viewer":
             if room.camera_owner != peer.peer_id:
                 return self._error_once(peer, "camera", P.BAD_MESSAGE, 'send {"type":"camera",'
@@ -423,6 +531,8 @@ class CallServer:
             peer.last_camera_frame = now
             if (sender := room.by_role("sender")) is not None:
                 sender.outbox.put_latest(str(kind), message)
+        elif kind == P.KIND_AUDIO and peer.role == "viewer":
+            self._error_once(peer, "kind4", P.BAD_MESSAGE, WATCH_ONLY)
         else:
             self._error_once(peer, f"kind{kind}", P.BAD_MESSAGE,
                              f"a {peer.role} may not send pictures of kind {kind}")
@@ -469,7 +579,7 @@ def _may_set_bitrate(peer: Peer) -> bool:
     """The other end of the call (the receiver, or a caller of a two-way call: it asks the
     other caller) and a page holding the camera link take part in the call and may change its
     bitrate; the viewers' link only watches."""
-    return peer.role in ("receiver", CALLER) or peer.may_camera
+    return peer.role in ("receiver", CALLER) or peer.may_camera or peer.face_of is not None
 
 
 def _stats_key(peer: Peer) -> str:

@@ -32,9 +32,12 @@ log = logging.getLogger("server.rooms")
 # caller token; a third is refused (room_full). The first caller in the room offers.
 CALLER = "caller"
 MAX_CALLERS = 2
+# A caller's own page joins as "face" with the face token its program got (server.tokens); in the
+# room it is a viewer (it watches like one) that may also steer that one program.
+FACE = "face"
 # What a join may ask to be, and the roles that take part in the call (WebRTC, stats; viewers
 # only watch). "sender" and "receiver" are one peer each: a newcomer replaces the old one.
-JOIN_ROLES = ONE_WAY_JOIN_ROLES + (CALLER,)
+JOIN_ROLES = ONE_WAY_JOIN_ROLES + (CALLER, FACE)
 CALL_ROLES = ONE_WAY_ROLES + (CALLER,)
 
 CONTROL_QUEUE_LIMIT = 256  # control messages a peer may lag behind before it is dropped
@@ -65,6 +68,9 @@ class Outbox:
         self._slots: dict[str, SlotMessage] = {}
         self._intervals: dict[str, float] = {}  # slot → least time between two sends
         self._not_before: dict[str, float] = {}  # slot → loop time of its next allowed send
+        # streams: in order, bounded, oldest dropped (a page's microphone chunks: every one
+        # counts, but a stalled program must not make them pile up)
+        self._streams: dict[str, deque[str | bytes]] = {}
         self._wakeup = asyncio.Event()
         self.closed = False
         self.sent = 0
@@ -92,13 +98,28 @@ class Outbox:
             self._intervals[slot] = min_interval
         self._wakeup.set()
 
+    def put_stream(self, key: str, message: str | bytes, limit: int) -> None:
+        """Queue a message of an ordered stream that keeps at most `limit` unsent (the oldest
+        goes, counted in `dropped`)."""
+        if self.closed:
+            return
+        queue = self._streams.setdefault(key, deque())
+        if len(queue) >= limit:
+            queue.popleft()
+            self.dropped += 1
+        queue.append(message)
+        self._wakeup.set()
+
     async def next(self) -> str | bytes | None:
-        """The next message to send (control first, then slots in insertion order, each when
-        its interval allows); None once closed."""
+        """The next message to send (control first, then streams, then slots in insertion
+        order, each when its interval allows); None once closed."""
         loop = asyncio.get_running_loop()
         while not self.closed:
             if self._control:
                 return self._control.popleft()
+            for queue in self._streams.values():
+                if queue:
+                    return queue.popleft()
             now, wait = loop.time(), None
             for slot in self._slots:
                 not_before = self._not_before.get(slot, 0.0)
@@ -120,6 +141,7 @@ class Outbox:
         self.closed = True
         self._control.clear()
         self._slots.clear()
+        self._streams.clear()
         self._wakeup.set()
 
 
@@ -135,12 +157,17 @@ class Peer:
     outbox: Outbox = field(default_factory=Outbox)
     writer: asyncio.Task[None] | None = None
     may_camera: bool = False  # a viewer that joined with the camera credential
+    face_of: str | None = None  # a caller's own page (a viewer that steers that caller program)
     received_frames: int = 0
     last_camera_frame: float = 0.0  # loop time of the last kind-3 frame passed on
     warned: set[str] = field(default_factory=set)  # error causes already reported once
+    rates: dict[str, tuple[float, int]] = field(default_factory=dict)  # key → (window start, count)
 
     def describe(self) -> dict[str, str]:
-        return {"peer_id": self.peer_id, "role": self.role, "name": self.name}
+        out = {"peer_id": self.peer_id, "role": self.role, "name": self.name}
+        if self.face_of is not None:
+            out["face_of"] = self.face_of  # (its program learns its page is open)
+        return out
 
     def send_json(self, message: dict[str, Any]) -> None:
         """Queue a control message; a peer that cannot keep up even with those is dropped."""
@@ -191,6 +218,10 @@ class Room:
 
     def other_caller(self, peer: Peer) -> Peer | None:
         return next((p for p in self.callers() if p is not peer), None)
+
+    def face(self, caller_id: str) -> Peer | None:
+        """The page of caller `caller_id` (at most one: a newer one replaces it)."""
+        return next((p for p in self.peers.values() if p.face_of == caller_id), None)
 
     def viewers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "viewer"]

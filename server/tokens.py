@@ -10,6 +10,12 @@ secret), and a server given the same secret prints the same links again after a 
 label is generic ("<room>:<credential>"). A two-way call's two people hold the same "caller"
 token (one link to send the other person, as a meeting link): the room seats two callers and
 refuses a third (server.rooms.MAX_CALLERS).
+
+A caller's own page (its "face": the call's controls) holds a token of one more label,
+"<room>:face:<peer id>" (`face_token`), which the server hands only to that caller program in
+its `joined`. It lets a page steer that one program (hang up, mute, bitrate, its camera and
+microphone) and nothing else: it takes no seat, and the other caller, who holds the same caller
+link, cannot derive it. Peer ids are hex, so no face label equals a credential's label.
 """
 
 from __future__ import annotations
@@ -41,4 +47,18 @@ def role_token(secret: str, room: str, role: str) -> str:
 def matches(secret: str, room: str, role: str, token: str) -> bool:
     """Constant-time check of `token` against the token of `role` in `room`."""
     return hmac.compare_digest(role_token(secret, room, role).encode(),
+                               token.encode("utf-8", "surrogatepass"))
+
+
+FACE = "face"
+
+
+def face_token(secret: str, room: str, peer_id: str) -> str:
+    """The token of the page that steers caller `peer_id` (its own call program) in `room`."""
+    return role_token(secret, room, f"{FACE}:{peer_id}")
+
+
+def face_matches(secret: str, room: str, peer_id: str, token: str) -> bool:
+    """Constant-time check of a page's token against `face_token`."""
+    return hmac.compare_digest(face_token(secret, room, peer_id).encode(),
                                token.encode("utf-8", "surrogatepass"))

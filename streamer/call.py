@@ -23,6 +23,16 @@ exits (with --stay it waits for the next caller). A caller whose connection was 
 Stats (once a second, to the server and printed): the receive direction's numbers at the top
 level (what the other caller's rate controller reads: frames, lost, latency_ms) and this
 caller's sending numbers under "send".
+
+The page: after joining, the program prints its own page link (`page:`, role=face, with a token
+only this program got from the server). That page shows the other person large and this one
+small, and steers this program only: hang up (`hangup`: we say bye and end, so the other's call
+ends too), mute camera (`mute`: our source's frames are discarded, so no new frames are sent:
+the other side's picture stops at the last one and its page says "camera off"), mute microphone
+(`Call.mic_muted`, which the audio sender reads), and the bitrate target of our sender. With
+`--source browser` the page's camera (kind 3) and microphone (kind 4: 20 ms of 48 kHz mono
+int16 PCM) come to this program only: the frames enter our sender, the PCM goes to
+`Call.pushed_audio.push(samples, sample_rate)` (a streamer.audio.PushedAudioSource).
 """
 
 from __future__ import annotations
@@ -34,16 +44,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from server.protocol import unpack_pcm
+
 from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S
-from .audio import open_audio
+from .audio import PushedAudioSource, open_audio
 from .codec import NeuralCodec
 from .receive import Receiver, add_audio_args, close_recorder, open_recorder, open_sink
 from .send import DEFAULT_KBPS, Sender, add_audio_arg
 from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES
-from .signaling import Picture, Signaling, resolve_server
-from .sources import FrameSource, open_source
+from .signaling import KIND_AUDIO, KIND_CAMERA, Picture, Signaling, resolve_server
+from .sources import BrowserSource, FrameSource, open_source
 from .stats import FrameLog
 
 ROLE = "caller"
@@ -79,6 +93,18 @@ class Call:
         self.hung_up = False  # the other caller said bye
         self.ended = asyncio.Event()  # the call is over (the other hung up; without --stay)
         self._mine: dict[str, Any] = {}  # the answerer's sending channels as they arrive
+        # -- what this caller's page steers (docs/protocol.md, "A caller's page") --
+        self.page_hangup = asyncio.Event()  # the page's hang-up button: bye, then end
+        self.camera_muted = False  # no new frames leave (the source's frames are discarded)
+        # the audio sender reads this: while True it sends silence (or nothing); the page also
+        # stops sending its microphone's PCM
+        self.mic_muted = False
+        # the page's microphone (--source browser): a streamer.audio.PushedAudioSource, set by
+        # the audio part; each kind-4 chunk goes to its push(samples int16 ndarray, sample_rate)
+        self.pushed_audio: Any = None
+        self.pcm_chunks = 0  # kind-4 chunks from the page
+        self.pcm_unheard = 0  # ... that found no pushed_audio to take them
+        self.pcm_bad = 0
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -181,7 +207,8 @@ class Call:
             self.say("waiting for the other caller to join")
         async for msg in self.sig.messages():
             if isinstance(msg, Picture):
-                continue  # (a browser camera feeds a one-way sender only)
+                self.on_page_picture(msg)  # (the server passes on only our own page's)
+                continue
             t, frm = msg.get("type"), msg.get("from")
             if t == "peer_joined" and msg.get("role") == ROLE:
                 await self.start_call(str(msg.get("peer_id")))  # we were here first: we offer
@@ -196,6 +223,11 @@ class Call:
                 if isinstance(stats, dict):
                     self.tx.peer_stats = stats
                     self.tx._feedback(stats)  # their receive numbers drive our rate controller
+            elif t == "hangup":
+                self.say("hung up from the page")
+                self.page_hangup.set()
+            elif t == "mute":
+                self.on_mute(msg)
             elif t == "set_bitrate":
                 answer = self.tx._set_bitrate(msg)
                 if answer["ok"]:
@@ -203,6 +235,43 @@ class Call:
                 await self.sig.send_json(answer)
             elif t == "error" and not self.quiet:
                 print(f"call: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
+
+    # -- the page ----------------------------------------------------------------------------
+    def on_page_picture(self, pic: Picture) -> None:
+        """Our page's camera frame (kind 3, into our sender when --source browser) or
+        microphone chunk (kind 4, to pushed_audio)."""
+        if pic.kind == KIND_CAMERA and isinstance(self.tx.source, BrowserSource):
+            if not self.camera_muted:
+                self.tx.source.push_jpeg(pic.jpeg, pic.timestamp_us)
+        elif pic.kind == KIND_AUDIO:
+            self.on_pcm(pic.jpeg)
+
+    def on_pcm(self, payload: bytes) -> None:
+        try:
+            rate, raw = unpack_pcm(payload)
+        except ValueError:
+            self.pcm_bad += 1  # (the server checked it already: only a bug gets here)
+            return
+        self.pcm_chunks += 1
+        if self.mic_muted:
+            return  # (the page stops sending too; chunks on their way are dropped)
+        if self.pushed_audio is None:
+            self.pcm_unheard += 1
+            return
+        self.pushed_audio.push(np.frombuffer(raw, "<i2"), rate)
+
+    def on_mute(self, msg: dict[str, Any]) -> None:
+        camera, mic = msg.get("camera"), msg.get("microphone")
+        if not (isinstance(camera, bool) and isinstance(mic, bool)):
+            return
+        if camera != self.camera_muted:
+            self.say(f"camera {'muted: no frames are sent' if camera else 'on again'} (from the page)")
+        if mic != self.mic_muted:
+            self.say(f"microphone {'muted' if mic else 'on again'} (from the page)")
+        self.camera_muted, self.mic_muted = camera, mic
+        self.tx.source.muted = camera
+        if self.tx.audio is not None:
+            self.tx.audio.muted = mic  # our track sends silence meanwhile
 
     async def _on_signal(self, frm: str, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -227,7 +296,11 @@ class Call:
     def snapshot(self) -> dict[str, Any]:
         """Our receive direction at the top level (the other caller's rate controller reads it),
         our send direction under "send"."""
-        return {**self.rx.snapshot(), "send": self.tx.snapshot()}
+        # (source, capture_fps, frame_size: a page that is our camera sends just what we use)
+        send = {**self.tx.snapshot(), "camera_muted": self.camera_muted, "mic_muted": self.mic_muted,
+                "source": self.tx.source.name, "capture_fps": self.tx.source.fps,
+                "frame_size": self.tx.source.size}
+        return {**self.rx.snapshot(), "send": send}
 
     async def stats_loop(self) -> None:
         while True:
@@ -243,7 +316,7 @@ class Call:
         self.tx.source.start()
         tasks = [asyncio.ensure_future(c) for c in (self.signaling_loop(), self.tx.capture_loop(),
                                                      self.rx.decode_loop(), self.stats_loop())]
-        waits = [asyncio.ensure_future(e.wait()) for e in (stop, self.ended)]
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, self.ended, self.page_hangup)]
         try:
             done, _ = await asyncio.wait([tasks[0], tasks[1], *waits], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -279,7 +352,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("join_url", nargs="?", metavar="URL", help="the caller link (the same as --url)")
     cli.add_common_args(ap)
     ap.add_argument("--source", default="auto",
-                    help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | PATH")
+                    help="auto (webcam, else the sample clip) | sample | synthetic | webcam[:DEVICE] | PATH | "
+                    "browser (the camera and microphone of the page link this program prints)")
     ap.add_argument("--fps", type=float, default=30.0, help="capture rate (default 30)")
     add_audio_arg(ap)
     add_audio_args(ap)
@@ -318,8 +392,6 @@ def check_args(args: argparse.Namespace) -> None:
 
     send.check_args(args)
     receive.check_args(args)
-    cli.require(args.source != "browser", "--source browser feeds a one-way sender (streamer.send) only, "
-                "not a two-way call yet: use webcam, a video file, sample or synthetic")
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
@@ -361,13 +433,22 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     if not args.quiet:
         print(f"call: joined room {room!r} at {server} as {sig.peer_id}; source {source.name}, sound {audio.name}, at "
               f"{size}x{size} {args.fps:g} fps; model {codec.name} ({codec.model_id:08x})", flush=True)
+    if (page := sig.page_url()) is not None:
+        # always printed (even --quiet): the one link that shows this person's call and steers it
+        feeds = " (its camera and microphone feed this call)" if isinstance(source, BrowserSource) else ""
+        print(f"page: {page}   <- open this in your browser{feeds}; it is yours: don't share it", flush=True)
+    # share_original: our own picture for our page ("you", small) and the frame-aligned
+    # original next to the decoded one on the other's page; only while a page watches
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure, quiet=True,
+                share_original=True,
                 level=args.level, keyframe_interval=args.keyframe_interval, kbps=args.kbps or None,
                 recovery=args.recovery, audio=audio)
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=True,
                   frame_size=size, audio=open_sink("call", args, recorder))
     call = Call(tx, rx, sig, cfg, ice_addresses=ice, stun=args.stun, quiet=args.quiet, stay=args.stay)
+    if isinstance(audio, PushedAudioSource) and isinstance(source, BrowserSource):
+        call.pushed_audio = audio  # the page's microphone (kind 4) is our sound
     if on_start is not None:
         on_start(call)
     if args.seconds:

@@ -1,4 +1,4 @@
-"""The websocket client of the call server's protocol (docs/protocol.md, version 1).
+"""The websocket client of the call server's protocol (docs/protocol.md, version 2).
 
     sig = Signaling("ws://127.0.0.1:8765/ws", room="demo", token="...", role="sender")
     joined = await sig.connect()            # SignalingError on a bad token (or unknown room), ...
@@ -14,7 +14,12 @@ Each role has its own token (docs/protocol.md, "Roles and tokens"): the server p
 URL per role, `http://HOST:PORT/?room=R&token=T&role=ROLE`, and the sender needs the sender's,
 the receiver the receiver's. `parse_join_url` keeps the URL's role on the token it returns
 (`JoinToken.role`), so a `Signaling` given the viewers' link as a sender says so before joining.
-A two-way call's two people both hold the `caller` link (role "caller", streamer.call).
+A two-way call's two people both hold the `caller` link (role "caller", streamer.call). A
+caller also gets its own page's token in `joined` (`face_token`): `page_url()` is the link of
+the page that shows that person's call and steers this program (hang up, mute, bitrate).
+
+Pictures are picture format 2 (server.protocol): each carries the peer id of its sender, stamped
+by the server (`Picture.sender`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from server.protocol import (
     CLOSE_REPLACED,
+    KIND_AUDIO,
     KIND_CAMERA,
     KIND_DECODED,
     KIND_ORIGINAL,
@@ -43,6 +49,7 @@ from server.protocol import (
 from .errors import StreamerError
 
 __all__ = [
+    "KIND_AUDIO",
     "KIND_CAMERA",
     "KIND_DECODED",
     "KIND_ORIGINAL",
@@ -55,11 +62,12 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
-URL_ROLES = ("caller", "sender", "receiver", "camera", "viewer")  # the links the server prints
+# the links the server prints, and a caller's page link ("face", printed by streamer.call)
+URL_ROLES = ("caller", "sender", "receiver", "camera", "viewer", "face")
 # The join role each link's token is for ("camera" is a viewer that may feed the sender;
 # "caller" is either seat of a two-way call, streamer.call).
 _JOIN_ROLE = {"caller": "caller", "sender": "sender", "receiver": "receiver", "camera": "viewer",
-              "viewer": "viewer"}
+              "viewer": "viewer", "face": "face"}
 
 
 class JoinToken(str):
@@ -86,7 +94,8 @@ class Picture:
     kind: int
     frame_number: int
     timestamp_us: int
-    jpeg: bytes
+    jpeg: bytes  # the payload: JPEG for kinds 1-3, PCM for kind 4 (server.protocol.unpack_pcm)
+    sender: str = ""  # the peer id of whoever sent it (stamped by the server)
 
 
 def _check_role(link_role: str | None, role: str) -> None:
@@ -147,6 +156,7 @@ class Signaling:
         self.pictures_sent = 0
         self.pictures_dropped = 0
         self.errors: list[dict[str, Any]] = []
+        self.face_token: str | None = None  # a caller's: its own page's token (joined)
 
     async def connect(self) -> dict[str, Any]:
         """Open the socket and join; returns the `joined` message or raises SignalingError."""
@@ -182,8 +192,25 @@ class Signaling:
             raise SignalingError(f"unexpected first reply from the server: {str(reply)[:200]}")
         self.peer_id = reply.get("peer_id")
         self.peers = list(reply.get("peers", []))
+        if isinstance(reply.get("face_token"), str):
+            self.face_token = reply["face_token"]
         self._writer = asyncio.ensure_future(self._write_pictures())
         return reply
+
+    def page_url(self) -> str | None:
+        """The link of this caller's own page (http://HOST:PORT/?room=R&token=F&role=face&peer=P),
+        None before joining or when the server gave no page token."""
+        if self.face_token is None or self.peer_id is None:
+            return None
+        parts = urlsplit(self.server)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        query = urlencode({"room": self.room, "token": self.face_token, "role": "face",
+                           "peer": self.peer_id})
+        return f"{scheme}://{parts.netloc}/?{query}"
+
+    def page_open(self) -> bool:
+        """Whether this caller's page is connected (the server lists it with face_of)."""
+        return any(p.get("face_of") == self.peer_id for p in self.peers)
 
     def peer_with_role(self, role: str) -> str | None:
         """The first peer of `role` other than ourselves (None: there is none)."""
@@ -203,7 +230,7 @@ class Signaling:
                         h, jpeg = unpack_frame(raw)
                     except ValueError:
                         continue
-                    yield Picture(h.kind, h.frame, h.timestamp_us, jpeg)
+                    yield Picture(h.kind, h.frame, h.timestamp_us, jpeg, h.sender)
                     continue
                 try:
                     msg = json.loads(raw)
@@ -221,7 +248,7 @@ class Signaling:
                 elif t == "viewers" and isinstance(msg.get("peers"), list):
                     # who watches, latest-only: replaces the viewers we knew
                     self.peers = [p for p in self.peers if p.get("role") != "viewer"] + [
-                        {k: v.get(k) for k in ("peer_id", "role", "name")}
+                        {k: v.get(k) for k in ("peer_id", "role", "name", "face_of")}
                         for v in msg["peers"] if isinstance(v, dict)]
                 elif t == "error":
                     self.errors.append(msg)

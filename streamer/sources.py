@@ -164,6 +164,8 @@ class FrameSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seq = 0
+        self.muted = False  # a call's "mute camera": frame() discards what is captured
+        self.muted_frames = 0
 
     # -- public ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -175,8 +177,13 @@ class FrameSource:
         self._thread.start()
 
     async def frame(self) -> CapturedFrame:
-        """The newest captured frame (waits for one newer than the last taken)."""
-        return await self.slot.get()
+        """The newest captured frame (waits for one newer than the last taken). While `muted`
+        (a call's "mute camera"), frames are taken and discarded: none reaches the encoder."""
+        while True:
+            captured = await self.slot.get()
+            if not self.muted:
+                return captured
+            self.muted_frames += 1
 
     @property
     def dropped(self) -> int:

@@ -123,7 +123,7 @@ class FakeCall:
 
         async def listen(ws: Any) -> None:
             async for m in ws:
-                if isinstance(m, bytes) and m[0] == P.KIND_CAMERA:
+                if isinstance(m, bytes) and P.unpack_frame(m)[0].kind == P.KIND_CAMERA:
                     self.camera_frames.append(m)
                 elif isinstance(m, str) and json.loads(m)["type"] == "camera":
                     self.camera_msgs.append(json.loads(m))

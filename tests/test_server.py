@@ -140,23 +140,27 @@ def test_stats_reach_viewers_and_the_other_peer_and_late_viewers() -> None:
 def test_pictures_are_routed_by_kind_and_role() -> None:
     async def body() -> None:
         async with run_server(rooms=ROOMS) as srv:
-            sender, _ = await join(srv, "sender")
-            receiver, _ = await join(srv, "receiver")
+            sender, js = await join(srv, "sender")
+            receiver, jr = await join(srv, "receiver")
             viewer, _ = await join(srv, "viewer")
             decoded = P.pack_frame(P.KIND_DECODED, 7, b"\xff\xd8decoded", 1234)
             await receiver.send(decoded)
-            original = P.pack_frame(P.KIND_ORIGINAL, 7, b"\xff\xd8original", 1234)
+            # a sender field claiming someone else is overwritten with the real sender
+            original = P.pack_frame(P.KIND_ORIGINAL, 7, b"\xff\xd8original", 1234, "deadbeef")
             await sender.send(original)
-            got = {(m := await asyncio.wait_for(viewer.recv(), 5))[0]: m for _ in range(2)}
-            assert got == {1: decoded, 2: original}
+            got = {P.unpack_frame(m := await asyncio.wait_for(viewer.recv(), 5))[0].kind: m
+                   for _ in range(2)}
             header, jpeg = P.unpack_frame(got[1])
             assert (header.frame, header.timestamp_us, jpeg) == (7, 1234, b"\xff\xd8decoded")
+            assert header.sender == jr["peer_id"]  # stamped by the server
+            header, jpeg = P.unpack_frame(got[2])
+            assert (header.sender, jpeg) == (js["peer_id"], b"\xff\xd8original")
 
             # The wrong role for a kind, and a frame shorter than its header: one error each.
             await receiver.send(P.pack_frame(P.KIND_CAMERA, 1, b"x"))
             await receiver.send(P.pack_frame(P.KIND_CAMERA, 2, b"x"))
             assert "kind 3" in (await recv_type(receiver, "error"))["message"]
-            await receiver.send(b"\x01\x00")
+            await receiver.send(b"\x82\x01\x00")
             assert "header" in (await recv_type(receiver, "error"))["message"]
     arun(body())
 
@@ -180,7 +184,8 @@ def test_browser_camera_frames_reach_the_sender() -> None:
             got = await asyncio.wait_for(sender.recv(), 5)
             while isinstance(got, str):
                 got = await asyncio.wait_for(sender.recv(), 5)
-            assert got == frame
+            assert P.unpack_frame(got) == (P.FrameHeader(P.KIND_CAMERA, 1, P.unpack_frame(frame)[0].timestamp_us,
+                                                         jv["peer_id"]), b"\xff\xd8cam")
 
             await other.send(json.dumps({"type": "camera", "on": True}))  # takes over
             taken = await recv_type(viewer, "camera")
