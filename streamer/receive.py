@@ -28,7 +28,7 @@ import numpy as np
 from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S, AssembledFrame, FrameAssembler
-from .audio import AudioSink, AVSync, open_player
+from .audio_sink import AudioSink, AVSync, open_player
 from .codec import NeuralCodec
 from .record import Recorder
 from .signaling import KIND_DECODED, Picture, Signaling, resolve_server

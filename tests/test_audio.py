@@ -18,6 +18,7 @@ import pytest
 
 from server.app import run_server
 from streamer import audio as A
+from streamer.audio_sink import AudioSink
 from streamer import call, receive, send
 from streamer.sources import FileSource, flash_shown
 
@@ -53,7 +54,7 @@ class Running:
 class Heard:
     """What a sink received, laid out by RTP time (the sender's contiguous clock)."""
 
-    def __init__(self, sink: A.AudioSink) -> None:
+    def __init__(self, sink: AudioSink) -> None:
         self.chunks: list[tuple[np.ndarray, int, int]] = []
         sink.on_samples = lambda x, play, rtp: self.chunks.append((x.copy(), play, rtp))
 
@@ -71,18 +72,27 @@ class Heard:
         return out, r0 + int(np.median([play - rtp for _, play, rtp in chunks]))
 
 
-def tone_lag(received: np.ndarray, t0_us: int) -> tuple[float, float]:
-    """(lag ms, normalized cross-correlation) of received sound (played from t0_us on) against
-    the tone as sent: the best lag L in [0, 1 s) with received[n] ~ tone(t0 - L + n)."""
-    n = len(received)
-    ref = A.tone(t0_us - 1_000_000, n + A.SAMPLE_RATE).astype(np.float64)  # from 1 s earlier
-    r = received.astype(np.float64)
-    size = 1 << int(np.ceil(np.log2(len(ref) + n)))
-    c = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(r, size)), size)[:A.SAMPLE_RATE]
-    k = int(np.argmax(c))  # ref[k + m] ~ received[m]
-    seg = ref[k:k + n]
-    ncc = float(np.dot(seg, r) / (np.linalg.norm(seg) * np.linalg.norm(r) + 1e-9))
-    return (A.SAMPLE_RATE - k) * 1000 / A.SAMPLE_RATE, ncc
+def tone_lag(received: np.ndarray, t0_us: int, window_s: float = 1.0) -> tuple[float, float]:
+    """(lag ms, normalized cross-correlation), medians over windows of window_s, of received
+    sound (played from t0_us on) against the tone as sent: per window the best lag L in
+    [0, 1 s) with received[n] ~ tone(t0 - L + n). (Windows: a stalled sender skips the
+    stall's sound, which moves the lag from there on.)"""
+    w = int(window_s * A.SAMPLE_RATE)
+    lags, nccs = [], []
+    for start in range(0, len(received) - w + 1, w):
+        r = received[start:start + w].astype(np.float64)
+        if not r.any():
+            continue
+        t = t0_us + start * 1_000_000 // A.SAMPLE_RATE
+        ref = A.tone(t - 1_000_000, w + A.SAMPLE_RATE).astype(np.float64)  # from 1 s earlier
+        size = 1 << int(np.ceil(np.log2(len(ref) + w)))
+        c = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(r, size)), size)[:A.SAMPLE_RATE]
+        k = int(np.argmax(c))  # ref[k + m] ~ r[m]
+        seg = ref[k:k + w]
+        nccs.append(float(np.dot(seg, r) / (np.linalg.norm(seg) * np.linalg.norm(r) + 1e-9)))
+        lags.append((A.SAMPLE_RATE - k) * 1000 / A.SAMPLE_RATE)
+    assert nccs, "no sound to compare"
+    return float(np.median(lags)), float(np.median(nccs))
 
 
 def beeps_and_flashes(path) -> tuple[list[float], list[float]]:
@@ -276,3 +286,22 @@ def test_a_file_without_sound_is_one_line(tmp_path, capsys):
             c.mux(pkt)
     with pytest.raises(A.ConfigError, match="has no sound track"):
         A.open_audio(str(silent))
+
+
+def test_a_track_paces_itself_and_skips_a_long_stall_without_a_gap_in_rtp_time():
+    async def main():
+        track = A.ToneSource().track()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        frames = [await track.recv() for _ in range(10)]
+        paced = loop.time() - t0
+        e0 = track.epoch0
+        await asyncio.sleep(0.8)  # a stall longer than MAX_BEHIND_S
+        late = await track.recv()
+        return frames, paced, e0, late, track.epoch0
+    frames, paced, e0, late, e1 = asyncio.run(main())
+    assert [f.pts for f in frames] == [i * 960 for i in range(10)] and late.pts == 10 * 960
+    assert paced >= 0.18  # 10 frames of 20 ms, each handed over once its last sample is "captured"
+    assert e1 - e0 >= 200_000  # the stall's sound skipped: the capture clock of sample 0 moved on
+    # what the late frame holds is the tone of its (new) capture instants
+    assert np.array_equal(late.to_ndarray().reshape(-1), A.tone(e1 + 10 * 960 * 1_000_000 // 48000, 960))
