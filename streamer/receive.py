@@ -435,7 +435,8 @@ def add_audio_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--play", action="store_true", help="play the other end's sound on this machine's output "
                     "device (default: only counted, and recorded with --record)")
     ap.add_argument("--measure-av", action="store_true", help="measure lip-sync from a sender with --audio tone "
-                    "--source synthetic:flash: each beep as played vs its flash as shown (summary's av_sync)")
+                    "--source sample:flash (or synthetic:flash): each beep as played vs its flash as shown "
+                    "(summary's av_sync)")
     ap.add_argument("--audio-delay-ms", default="auto", metavar="MS|auto",
                     help="play and record the sound this much later; auto (default): later by as much as it "
                     "would come before its pictures (the pictures' delay against the sender's audio clock)")
