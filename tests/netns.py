@@ -355,7 +355,7 @@ def start_turn_server(t_a: Host, t_b: Host, user: str, password: str, folder: Pa
 def start_server(host: Host, room: str = "netns", secret: str = "netns-test-secret", port: int = 8765,
                  extra: Sequence[str] = ()) -> dict[str, str]:
     """`python -m server` on `host` (listening on its address only); the join links it prints,
-    by role ("sender", "receiver", "camera", "viewers"), as a user would copy them."""
+    by role ("caller", "sender", "receiver", "camera", "viewers"), as a user would copy them."""
     server = host.start([PYTHON, "-m", "server", "--host", host.addr, "--port", str(port), "--room", room,
                          "--secret", secret, *extra], "server")
     return join_links_of(server)
@@ -374,7 +374,7 @@ def join_links_of(server: Proc) -> dict[str, str]:
     server.wait_for("viewers:", 60)
     links = {}
     for line in server.out:
-        m = re.match(r"^\s*(sender|receiver|camera|viewers):\s+(\S+)", line)
+        m = re.match(r"^\s*(caller|sender|receiver|camera|viewers):\s+(\S+)", line)
         if m:
             links[m.group(1)] = m.group(2)
     return links

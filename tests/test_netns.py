@@ -74,6 +74,33 @@ def test_call_across_two_namespaces(hosts, tmp_path):  # noqa: F811
     assert rxs["latency_ms"]["p50"] > 0, rxs
 
 
+def test_two_way_call_across_two_namespaces(hosts, tmp_path):  # noqa: F811
+    """The two-way call as two people run it from one caller link: the server and caller A on
+    host a, caller B on host b, one peer connection across the link. Both directions' frames
+    are verified bit-exact, and each caller's sound (the tone source) reaches the other."""
+    links = netns.start_server(hosts.a, "netns-call")
+    callers = []
+    for host, name in ((hosts.a, "a"), (hosts.b, "b")):
+        p = host.start([PYTHON, "-m", "streamer.call", "--url", links["caller"], "--ice-address", host.addr,
+                        "--source", "synthetic", "--fps", "10", "--audio", "tone",
+                        "--summary", str(tmp_path / f"{name}.json")], f"call-{name}")
+        p.wait_for("joined room", 120)
+        callers.append(p)
+    for p in callers:
+        p.wait_for("call open", 120)
+    time.sleep(CALL_S)
+    for p in reversed(callers):
+        assert p.stop(10) == 0, p.describe()
+        assert "Traceback" not in "".join(p.err), p.describe()
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    print(f"a: send {brief(a['send'])} recv {brief(a['recv'])}; b: send {brief(b['send'])} recv {brief(b['recv'])}")
+    for name, tx, rx in (("a->b", a["send"], b["recv"]), ("b->a", b["send"], a["recv"])):
+        assert tx["sent"] >= 5 * CALL_S, (name, tx)
+        assert rx["shown"] >= 0.7 * tx["sent"], (name, rx, tx)
+        assert rx["mismatched"] == 0 and rx["verified"] >= 0.5 * rx["shown"], (name, rx)
+        assert rx["audio_frames"] >= 25 * CALL_S, (name, rx)  # 50 a second were sent: most arrived
+
+
 @pytest.mark.parametrize("hosts", [{"delay_ms": 40, "loss": 0.02}], indirect=True, ids=["delay40ms-loss2pct"])
 def test_call_across_a_delayed_lossy_link(hosts, tmp_path):  # noqa: F811
     """40 ms and 2 % loss each way: most frames still shown, none taken for another, references

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from websockets.asyncio.client import connect
 
+from server.protocol import unpack_frame
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,8 @@ async def watch(url: str, seconds: float) -> tuple[dict[int, int], dict[str, dic
         except asyncio.TimeoutError:
             continue
         if isinstance(m, bytes):
-            kinds[m[0]] = kinds.get(m[0], 0) + 1
+            kind = unpack_frame(m)[0].kind  # (the header's format byte comes first)
+            kinds[kind] = kinds.get(kind, 0) + 1
         elif (msg := json.loads(m))["type"] == "stats":
             stats[msg["from_role"]] = msg["stats"]
     await ws.close()
