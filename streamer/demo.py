@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 NEEDED_LINKS = {"sender", "receiver", "camera", "viewers"}  # the roles the demo hands out
+# How long the call's ends, and then the server, get to stop after Ctrl-C (each end stops within
+# 3 s, tests/test_cli.py): one that has not is killed and named, so the demo never hangs.
+STOP_WAIT_S = 5.0
 
 
 class Demo:
@@ -51,10 +54,11 @@ class Demo:
         self.secret = args.secret or secrets.token_hex(16)
         self.children: list[tuple[str, subprocess.Popen[str]]] = []
         self.stopping = False
+        self.killed: list[str] = []  # children that had to be killed at the end
 
     def spawn(self, name: str, module: str, *argv: str, capture: bool = False) -> subprocess.Popen[str]:
         # Own session: the terminal's Ctrl-C reaches only us, and we stop the children in order
-        # (sender, receiver, server), so none of them sees its peers vanish first.
+        # (the call's two ends together, then the server), so neither end sees the server vanish.
         proc = subprocess.Popen([sys.executable, "-m", module, *argv], text=True,
                                 stdout=subprocess.PIPE if capture else None,
                                 start_new_session=True)
@@ -83,17 +87,27 @@ class Demo:
         raise RuntimeError("the call server did not start")
 
     def stop(self) -> None:
+        """Ctrl-C to the sender and receiver together, then to the server; each group gets
+        STOP_WAIT_S, and whatever has not stopped by then is killed (and said)."""
         if self.stopping:
             return
         self.stopping = True
-        for _, proc in reversed(self.children):  # sender first, server last
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        ends = [(n, p) for n, p in reversed(self.children) if n != "server"]
+        servers = [(n, p) for n, p in self.children if n == "server"]
+        for group in (ends, servers):  # the server last, so neither end sees it vanish first
+            for _, proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + STOP_WAIT_S
+            for name, proc in group:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    print(f"demo: the {name} did not stop within {STOP_WAIT_S:g} s of Ctrl-C; killed it",
+                          file=sys.stderr, flush=True)
+                    self.killed.append(name)
+                    proc.kill()
+                    proc.wait(5)
 
     def run(self) -> int:
         links = self.start_server()
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         demo.stopping = False
         demo.stop()
-        return 0
+        return 1 if demo.killed else 0
     except RuntimeError as exc:
         demo.stop()
         print(f"demo: {exc}", file=sys.stderr)

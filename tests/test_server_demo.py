@@ -120,3 +120,24 @@ def test_the_installed_wheel_runs_the_demo_from_another_folder(tmp_path) -> None
     sh(venv / "bin" / "pip", "install", "-q", "torch==2.13.*")
     sh(venv / "bin" / "pip", "install", "-q", wheel)
     check_demo([str(venv / "bin" / "neural-call"), "demo", "--port", "0"], elsewhere)
+
+
+def test_demo_kills_an_end_that_ignores_ctrl_c_and_says_so(monkeypatch, capsys):
+    """A child that does not stop on Ctrl-C is killed after STOP_WAIT_S and named, so the demo
+    itself always ends (a hung child once held a demo for 30 s and outlived it)."""
+    from streamer import demo
+
+    monkeypatch.setattr(demo, "STOP_WAIT_S", 0.5)
+    d = demo.Demo(demo.parse_args([]))
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    polite = "import time; print('up', flush=True); time.sleep(60)"  # Ctrl-C ends it
+    for name, code in (("receiver", polite), ("sender", stubborn), ("server", polite)):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline() == "up\n"  # its handler is in place
+        d.children.append((name, p))
+    t0 = time.monotonic()
+    d.stop()
+    took = time.monotonic() - t0
+    assert all(p.poll() is not None for _, p in d.children)
+    assert d.killed == ["sender"] and took < 5, (d.killed, took)
+    assert "the sender did not stop within 0.5 s of Ctrl-C; killed it" in capsys.readouterr().err
