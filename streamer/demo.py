@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C (SIGINT) stops the demo however it was started: a shell starts a background job
+    # with SIGINT ignored, and Python keeps an ignored SIGINT ignored (measured: a demo started
+    # with `&` ran on after Ctrl-C, and the test that stopped it left its children behind).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return demo.run()
     except KeyboardInterrupt:

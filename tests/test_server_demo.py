@@ -4,6 +4,7 @@ printed URL shows a live call to a viewer, and Ctrl-C stops everything cleanly."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import signal
@@ -141,3 +142,27 @@ def test_demo_kills_an_end_that_ignores_ctrl_c_and_says_so(monkeypatch, capsys):
     assert all(p.poll() is not None for _, p in d.children)
     assert d.killed == ["sender"] and took < 5, (d.killed, took)
     assert "the sender did not stop within 0.5 s of Ctrl-C; killed it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_demo_started_in_the_background() -> None:
+    """A shell starts a background job with SIGINT ignored, and Python keeps it ignored unless
+    told otherwise: Ctrl-C (SIGINT) must still stop the demo and its children."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamer.demo", "--port", "0"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # (the server and both ends are up once this is printed)
+            if "Ctrl-C stops everything" in line:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(20)
+        assert rc == 0 and time.monotonic() - t0 < 12, (rc, time.monotonic() - t0)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # (the demo stops its children on SIGTERM too)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+            proc.kill()
