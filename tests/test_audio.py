@@ -22,7 +22,7 @@ from streamer.audio_sink import AudioSink
 from streamer import call, receive, send
 from streamer.sources import FileSource, flash_shown
 
-from aio import wait_until
+from aio import Running, wait_until
 
 ROOM, SECRET = "audio", "room-secret"
 pytestmark = pytest.mark.timeout(180)
@@ -33,22 +33,6 @@ EARLY_MS, LATE_MS = 45, 125
 def common(srv, role: str, room: str = ROOM) -> list[str]:
     return ["--server", srv.ws_url, "--room", room, "--token", srv.token(room, role),
             "--ice-address", "127.0.0.1", "--quiet"]
-
-
-class Running:
-    """A program's amain as a task, with its object once created."""
-
-    def __init__(self, module, argv: list[str]) -> None:
-        self.stop = asyncio.Event()
-        self.obj = None
-        self.task = asyncio.ensure_future(module.amain(module.parse_args(argv), self.stop, self._started))
-
-    def _started(self, obj) -> None:
-        self.obj = obj
-
-    async def finish(self, timeout: float = 20.0):
-        self.stop.set()
-        return await asyncio.wait_for(self.task, timeout)
 
 
 class Heard:

@@ -25,7 +25,7 @@ from streamer.codec import bitstream
 from streamer.session import FrameType
 from streamer.signaling import SignalingError, parse_join_url
 
-from aio import wait_until
+from aio import Running, wait_until
 from hostile_pictures import hostile_pictures
 
 ROOM, SECRET = "test", "room-secret"  # each role's token derives from the room's secret
@@ -36,22 +36,6 @@ def common(srv, role: str) -> list[str]:
     """The options of one end of the call: it joins with its own role's token."""
     return ["--server", srv.ws_url, "--room", ROOM, "--token", srv.token(ROOM, role),
             "--ice-address", "127.0.0.1", "--quiet"]
-
-
-class Running:
-    """A program's amain as a task, with its object once created."""
-
-    def __init__(self, module, argv: list[str]) -> None:
-        self.stop = asyncio.Event()
-        self.obj = None
-        self.task = asyncio.ensure_future(module.amain(module.parse_args(argv), self.stop, self._started))
-
-    def _started(self, obj) -> None:
-        self.obj = obj
-
-    async def finish(self, timeout: float = 20.0):
-        self.stop.set()
-        return await asyncio.wait_for(self.task, timeout)
 
 
 def test_call_delivers_bit_exact_latents_and_survives_bad_packets(tmp_path):
