@@ -11,10 +11,27 @@ every s-th pixel ("AntiAliasInterpolation2d"). This module holds:
   single library call on the data as it lies in memory: the vertical pass is a weighted
   ``F.embedding_bag`` over the frame's rows (every kept output row is the weighted sum of the
   ≤ k input rows of its window; rows outside the frame are simply left out of the bag, which
-  is exactly zero padding), the horizontal pass a small dense convolution over blocks of
-  s·8 columns seen channels-last (8 kept outputs per block). No padded copy, no im2col, no
-  transposes; see `_Plan`. `downsample_frame` runs the same two passes straight on the
-  HxWxC bytes of a camera frame (pixel-interleaved rows, 0..255 values).
+  is exactly zero padding), the horizontal pass one ``bmm`` over chunks of 16 kept columns,
+  each chunk's input window a strided view of the vertical result (columns outside the frame
+  get weight 0 in the first/last chunk). No padded copy of the frame, no im2col; see `_Plan`.
+  `downsample_frame` runs the Gaussian straight on the HxWxC bytes of a camera frame
+  (pixel-interleaved rows, 0..255 values; see `_FramePlan`): the same vertical bags read as
+  *bytes* (fbgemm's rowwise-uint8 ``embedding_bag``: a quarter of the memory traffic of a
+  float table and no conversion pass), then a depthwise stride-s convolution on the
+  interleaved rows seen channels-last, whose output is already HxWxC.
+
+  Measured, 640×480 → 160×120, one thread, 2 shared cores under load (load average 2.5–3):
+  `python -m streamer.bench antialias --json --threads 1`, 4 runs: 0.97–1.24 ms, 19.5–22.8×
+  the reference, 4.8–5.1× `nearest` (0.19–0.26 ms; the previous block-convolution design:
+  1.39 ms, 5.8× in the same conditions); uint8 frames 1.27–1.61 ms (previously 2.37 ms),
+  0.64–0.75× `nearest`'s frame path. In one process, alternating, on a quieter machine:
+  0.55–0.73 ms against 0.60–0.86 ms before and `nearest`'s 0.11–0.19 ms; frames 0.91–1.08 ms
+  against 1.44–1.60 ms. The vertical bags take ≈ 0.27 ms (a single read of the 3.7 MB frame
+  takes ≈ 0.09 ms), the chunked bmm ≈ 0.2 ms. Tried and slower here: strided GEMMs for the
+  vertical pass, CSR sparse products, NCHW depthwise and single-channel convolutions,
+  transposing so the horizontal pass is a second embedding_bag (the transposes cost more than
+  they save), a torch.compile'd version (2 ms), de-interleaving the bytes to planes (0.5 ms
+  for that copy alone). conv2d has ≈ 0.1 ms of fixed cost per call here, bmm very little.
 * `downsample` / `METHODS` — the alternatives compared in the anti-alias study, by name.
 * Frame helpers for the sender: `downsample_frame`, `centre_crop`, `crop_side_for`.
 
@@ -151,10 +168,11 @@ def fomm_reference(x: Tensor, scale: float) -> Tensor:
 # Fast separable implementation.
 # ---------------------------------------------------------------------------------------------
 
-# Outputs per block in the horizontal pass: the block convolution has P output and s·P input
-# channels; P = 8 fills one AVX2 register of output channels and measured fastest for the
-# whole module (P = 4, 5, 10, 16, 20, 40: 1.25–2.2× slower at 640×480 → 1/4, one thread).
-_H_BLOCK_OUTPUTS = 8
+# Kept outputs per chunk in the horizontal pass: one (B·Ho × K) @ (K × G) product per chunk,
+# K = s·(G−1) + k input columns. G = 16 measured fastest with MKL at 640×480 → 1/4, one
+# thread (G = 8: 2.3×, 20: 1.3×, 32: 1.4× slower; the former 8-output block convolution
+# 1.8× slower, conv2d alone costing ≈ 0.1 ms per call here).
+_H_CHUNK_OUTPUTS = 16
 # Plans kept per module (one per input geometry); a video call uses one.
 _MAX_PLANS = 16
 
@@ -166,25 +184,46 @@ class _Plan:
     Vertical pass: ``F.embedding_bag`` over the (B·H, W) table of input rows, one bag per
     kept output row (B·Ho bags), each the ≤ k in-frame rows of its window weighted by their
     taps. Rows outside the frame are simply not in the bag, which is FOMM's zero padding.
+    ``margin_before`` / ``margin_after`` empty bags (zero rows) frame the B·Ho real ones.
 
-    Horizontal pass, on the (B·Ho, W) result: columns are grouped into blocks of L = s·P
-    (zero-padded on the right to ``padded_w = blocks·L`` when W needs it); seen
-    channels-last, a (B·Ho, L, 1, blocks) tensor *is* that buffer, and a dense
-    (P, L, 1, kw) convolution over the block axis (padding kw//2 blocks of zeros) gives the
-    P kept outputs of every block, already in output order.
+    Horizontal pass, on the (B·Ho, W) rows of that result: kept columns are cut into
+    ``chunks`` of G; chunk c reads the K = s·(G−1) + k input columns starting at s·G·c − k//2
+    of every row. Seen as a strided view of the buffer (chunk stride s·G, row stride W, no
+    copy), that is a batch of (B·Ho, K) matrices, and one ``bmm`` with the (chunks, K, G)
+    weights gives all outputs. The window of the first/last chunk runs past the row into the
+    neighbouring row (or the zero margin rows); those columns get weight 0 in that chunk, so
+    the zero padding costs nothing.
     """
 
     ho: int
     wo: int
     indices: Tensor  # (nnz,) int32 (int64 for huge tables) rows of the (B·H, W) table
-    offsets: Tensor  # (B·Ho,) start of each bag in `indices`
+    offsets: Tensor  # (margin_before + B·Ho + margin_after,) start of each bag in `indices`
     weights: Tensor  # (nnz,) taps
-    outputs_per_block: int  # P
-    block: int  # L = s·P input columns per block
-    blocks: int
-    padded_w: int
-    conv_weight: Tensor  # (P, L, 1, kw), channels-last
-    conv_pad: int  # kw // 2
+    margin_before: int  # empty bags before the real ones (≥ k//2 zero values before row 0)
+    chunk_outputs: int  # G
+    chunks: int
+    window: int  # K
+    chunk_weight: Tensor  # (chunks, K, G)
+
+
+@dataclass(frozen=True)
+class _FramePlan:
+    """Operands for one HxWxC uint8 camera frame (`downsample_frame`), float32 on the CPU.
+
+    Vertical pass: the same bags as `_Plan`, over the frame's H rows of W·C bytes (a row of
+    pixel-interleaved values is just a longer row), read as bytes by fbgemm's rowwise-uint8
+    ``embedding_bag`` (see `_byte_rows_vertical`). Horizontal pass: a depthwise convolution
+    (one (1, k) Gaussian per channel, stride s, zero padding k//2) on the (Ho, Wo·C) result
+    seen channels-last as (Ho, C, 1, W): that view *is* the interleaved rows, and the output,
+    channels-last (Ho, C, 1, Wo), is already Ho×Wo×C.
+    """
+
+    ho: int
+    indices: Tensor
+    offsets: Tensor
+    weights: Tensor  # float32 taps of the bags
+    dw_weight: Tensor  # (C, 1, 1, k) float32
 
 
 def _vertical_bags(
@@ -213,25 +252,29 @@ def _vertical_bags(
     )
 
 
-def _horizontal_blocks(w: int, s: int, taps64: Tensor) -> tuple[int, int, int, int, Tensor]:
-    """(P, L, blocks, padded_w, weight (P, L, 1, kw) float64) of the horizontal pass."""
+def _horizontal_chunks(w: int, s: int, taps64: Tensor) -> tuple[int, int, int, Tensor, int]:
+    """(G, chunks, K, weight (chunks, K, G) float64, zero values needed after the last row).
+
+    Output j = G·c + g of chunk c reads columns s·j − ka … s·j + ka, i.e. window positions
+    t = s·g … s·g + 2·ka of the chunk's window (which starts at column s·G·c − ka). Weights
+    of columns outside 0 … w−1, and of outputs past the last one, are zero.
+    """
     k = taps64.numel()
     ka = k // 2
     wo = (w - 1) // s + 1
-    p = min(_H_BLOCK_OUTPUTS, wo)
-    blk = s * p
-    blocks = -(-wo // p)
-    # Output a of a block reads block offsets a·s − ka … a·s + ka, i.e. blocks d_lo … d_hi.
-    d_lo = (-ka) // blk
-    d_hi = ((p - 1) * s + ka) // blk
-    half = max(-d_lo, d_hi)
-    a = torch.arange(p).view(-1, 1, 1)
-    l_ = torch.arange(blk).view(1, -1, 1)
-    d = torch.arange(-half, half + 1).view(1, 1, -1)
-    t = d * blk + l_ - a * s + ka  # tap index feeding output a from column l of block d
-    valid = (t >= 0) & (t < k)
-    weight = torch.where(valid, taps64[t.clamp(0, k - 1)], torch.zeros((), dtype=torch.float64))
-    return p, blk, blocks, blocks * blk, weight.unsqueeze(2)  # (P, L, 1, kw)
+    g_ = min(_H_CHUNK_OUTPUTS, wo)
+    chunks = -(-wo // g_)
+    window = s * (g_ - 1) + k
+    c = torch.arange(chunks).view(-1, 1, 1)
+    t = torch.arange(window).view(1, -1, 1)
+    g = torch.arange(g_).view(1, 1, -1)
+    u = t - s * g  # tap index
+    col = s * g_ * c - ka + t
+    valid = (u >= 0) & (u < k) & (col >= 0) & (col < w) & (g_ * c + g < wo)
+    weight = torch.where(valid, taps64[u.clamp(0, k - 1)], torch.zeros((), dtype=torch.float64))
+    # The last chunk's window ends s·(G·chunks − 1) + ka columns into the last row.
+    after = s * (g_ * chunks - 1) + ka + 1 - w
+    return g_, chunks, window, weight, max(after, 0)
 
 
 class AntiAliasDownsample(nn.Module):
@@ -245,9 +288,9 @@ class AntiAliasDownsample(nn.Module):
     Without autograd the two 1-D passes are two single library calls on the input's own
     memory (see `_Plan`): a weighted ``embedding_bag`` over input rows (the vertical pass:
     each kept output row is the weighted sum of the ≤ k input rows of its window, read once
-    from a cache-resident window) and a small dense block convolution in channels-last
-    layout (the horizontal pass, at a quarter of the data for s = 4). No padded copy of the
-    frame, no im2col, no transposes. When the input requires grad, two strided depthwise
+    from a cache-resident window) and one ``bmm`` over strided chunk windows of its result
+    (the horizontal pass, at a quarter of the data for s = 4). No padded copy of the frame,
+    no im2col. When the input requires grad, two strided depthwise
     convolutions with (k,1) and (1,k) kernels compute the same thing differentiably.
     """
 
@@ -269,63 +312,81 @@ class AntiAliasDownsample(nn.Module):
             taps = taps / taps.sum()
         self.register_buffer("taps64", taps, persistent=False)
         self._plans: dict[tuple[int, int, int, torch.dtype, torch.device], _Plan] = {}
+        self._frame_plans: dict[tuple[int, int, int], _FramePlan] = {}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, scale={self.scale:g}, kernel_size={self.kernel_size}"
 
-    def _plan(
-        self, b: int, h: int, w: int, dtype: torch.dtype, device: torch.device, interleave: int = 1
-    ) -> _Plan:
-        """Plan for b images of h × w pixels; ``interleave`` = C for HxWxC rows (C values/pixel)."""
-        key = (b, h, w, interleave, dtype, device)
+    def _plan(self, b: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> _Plan:
+        """Plan for b planar images of h × w pixels (built once per geometry, then reused)."""
+        key = (b, h, w, dtype, device)
         plan = self._plans.get(key)
         if plan is None:
             taps = self.taps64.cpu()
             indices, offsets, weights = _vertical_bags(b, h, self.s, taps, device, dtype)
-            p, blk, blocks, padded_w, weight = _horizontal_blocks(w, self.s, taps)
-            if interleave > 1:
-                # Pixel-interleaved rows: the same filter on every channel, channels kept apart
-                # (block-diagonal in the channel index).
-                c = interleave
-                wide = weight.new_zeros(p * c, blk * c, 1, weight.shape[-1])
-                for i in range(c):
-                    wide[i::c, i::c] = weight
-                weight = wide
+            g, chunks, window, weight, after = _horizontal_chunks(w, self.s, taps)
+            # Empty bags around the real ones give the strided windows zeros to read.
+            before = -(-self.ka // w)
+            n_after = -(-after // w)
+            nnz = indices.numel()
+            offsets = torch.cat([
+                offsets.new_zeros(before), offsets, offsets.new_full((n_after,), nnz)
+            ])
             plan = _Plan(
                 ho=(h - 1) // self.s + 1,
-                wo=((w - 1) // self.s + 1) * interleave,
+                wo=(w - 1) // self.s + 1,
                 indices=indices,
                 offsets=offsets,
                 weights=weights,
-                outputs_per_block=p * interleave,
-                block=blk * interleave,
-                blocks=blocks,
-                padded_w=padded_w * interleave,
-                conv_weight=weight.to(dtype=dtype, device=device).contiguous(
-                    memory_format=torch.channels_last
-                ),
-                conv_pad=weight.shape[-1] // 2,
+                margin_before=before,
+                chunk_outputs=g,
+                chunks=chunks,
+                window=window,
+                chunk_weight=weight.to(dtype=dtype, device=device),
             )
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
-    @staticmethod
-    def _run(table: Tensor, plan: _Plan) -> Tensor:
-        """Both passes: (B·H, W') contiguous rows → (B·Ho, Wo') (W' = W·interleave)."""
-        rows = plan.offsets.numel()  # B·Ho
-        # Vertical: one weighted bag of input rows per kept output row.
+    def _frame_plan(self, h: int, w: int, c: int) -> _FramePlan:
+        """Plan for one HxWxC camera frame (float32 on the CPU); see `_FramePlan`."""
+        key = (h, w, c)
+        plan = self._frame_plans.get(key)
+        if plan is None:
+            taps = self.taps64.cpu()
+            cpu = torch.device("cpu")
+            indices, offsets, weights = _vertical_bags(1, h, self.s, taps, cpu, torch.float32)
+            k = taps.numel()
+            plan = _FramePlan(
+                ho=(h - 1) // self.s + 1,
+                indices=indices,
+                offsets=offsets,
+                weights=weights,
+                dw_weight=taps.to(torch.float32).view(1, 1, 1, k).repeat(c, 1, 1, 1),
+            )
+            if len(self._frame_plans) >= _MAX_PLANS:
+                self._frame_plans.clear()
+            self._frame_plans[key] = plan
+        return plan
+
+    def _run(self, table: Tensor, plan: _Plan, rows: int) -> Tensor:
+        """Both passes: (B·H, W) contiguous rows → (B·Ho, Wo), ``rows`` = B·Ho."""
+        w = table.shape[1]
+        # Vertical: one weighted bag of input rows per kept output row (plus the margins).
         y = F.embedding_bag(
             plan.indices, table, plan.offsets, mode="sum", per_sample_weights=plan.weights
         )
-        if plan.padded_w != table.shape[1]:
-            y = F.pad(y, (0, plan.padded_w - table.shape[1]))
-        # Horizontal: (B·Ho, Wp) seen as channels-last (B·Ho, L, 1, blocks).
-        yb = y.view(rows, 1, plan.blocks, plan.block).permute(0, 3, 1, 2)
-        z = F.conv2d(yb, plan.conv_weight, padding=(0, plan.conv_pad))  # (B·Ho, P, 1, blocks)
-        z = z.permute(0, 2, 3, 1).reshape(rows, plan.blocks * plan.outputs_per_block)
-        return z if z.shape[1] == plan.wo else z[:, : plan.wo].contiguous()
+        # Horizontal: every chunk's (rows, K) window of y is a strided view; one bmm.
+        g, chunks = plan.chunk_outputs, plan.chunks
+        windows = y.as_strided(
+            (chunks, rows, plan.window),
+            (self.s * g, w, 1),
+            y.storage_offset() + plan.margin_before * w - self.ka,
+        )
+        z = torch.bmm(windows, plan.chunk_weight)  # (chunks, rows, G)
+        z = z.permute(1, 0, 2).reshape(rows, chunks * g)
+        return z if chunks * g == plan.wo else z[:, : plan.wo].contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -343,7 +404,7 @@ class AntiAliasDownsample(nn.Module):
             return x.new_empty(N, C, *output_size(H, W, self.scale))
         b = N * C
         plan = self._plan(b, H, W, x.dtype, x.device)
-        return self._run(x.reshape(b * H, W), plan).reshape(N, C, plan.ho, plan.wo)
+        return self._run(x.reshape(b * H, W), plan, b * plan.ho).reshape(N, C, plan.ho, plan.wo)
 
     def _forward_conv(self, x: Tensor) -> Tensor:
         k, C = self.kernel_size, self.channels
@@ -510,11 +571,11 @@ def downsample_frame(frame: np.ndarray, scale: float, method: str = "gaussian") 
     """Downsample an HxWxC uint8 frame; returns a contiguous uint8 ``ceil(H/s)×ceil(W/s)×C``.
 
     Works on [0, 1] floats internally, then rounds and clips back to 0..255. The default
-    ``gaussian`` skips that round trip: the frame's HxWxC bytes become float rows as they lie
-    (no channel-planar copy, no scaling pass: the filter is linear and its taps sum to 1, so it
-    runs on 0..255 values directly) and both passes work on pixel-interleaved rows, so the
-    result is HxWxC with no transposes either way; it equals the float path to ±1 (float
-    rounding at .5 ties).
+    ``gaussian`` skips that round trip: the vertical pass reads the frame's HxWxC bytes as
+    they lie, as bytes (no float copy, no channel-planar copy, no scaling pass: the filter is
+    linear and its taps sum to 1, so it runs on 0..255 values directly), and both passes work
+    on pixel-interleaved rows, so the result is HxWxC with no transposes either way; it
+    equals the float path to ±1 (float rounding at .5 ties). See `_FramePlan`.
     """
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3:
         if isinstance(frame, np.ndarray):
@@ -537,16 +598,57 @@ def downsample_frame(frame: np.ndarray, scale: float, method: str = "gaussian") 
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
 
 
+# Per-row (scale, bias) = (1.0, 0.0) as float32 bytes: the trailer fbgemm's rowwise-uint8
+# embedding tables carry, so a row's bytes are read as their own values 0..255.
+_UNIT_ROW_QPARAMS = torch.tensor([1.0, 0.0], dtype=torch.float32).view(torch.uint8)
+# Whether torch has fbgemm's byte embedding_bag (x86 builds do); None until first tried.
+_BYTE_BAG_OK: bool | None = None
+
+
+def _byte_rows_vertical(rows: Tensor, plan: _FramePlan) -> Tensor:
+    """Vertical pass on (H, D) uint8 rows → (Ho, D) float32, the bags' weighted row sums.
+
+    The rows are copied once, as bytes, into a table with the 8-byte (scale 1, bias 0)
+    trailer per row that ``quantized.embedding_bag_byte_rowwise_offsets`` expects; it reads
+    a quarter of the bytes a float32 table would and needs no conversion pass. Without that
+    op the rows are converted to float32 and summed by ``F.embedding_bag`` (same result).
+    """
+    global _BYTE_BAG_OK
+    if _BYTE_BAG_OK is not False:
+        n, d = rows.shape
+        table = torch.empty(n, d + 8, dtype=torch.uint8)
+        table[:, :d].copy_(rows)
+        table[:, d:].copy_(_UNIT_ROW_QPARAMS.expand(n, 8))
+        try:
+            y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                table, plan.indices, plan.offsets, False, 0, False, plan.weights, None, False
+            )
+            _BYTE_BAG_OK = True
+            return y
+        except (AttributeError, NotImplementedError, RuntimeError):
+            if _BYTE_BAG_OK:  # worked before: a real error, not a missing op
+                raise
+            _BYTE_BAG_OK = False
+    return F.embedding_bag(
+        plan.indices, rows.to(torch.float32), plan.offsets, mode="sum",
+        per_sample_weights=plan.weights,
+    )
+
+
 def _gaussian_frame(frame: np.ndarray, s: int) -> np.ndarray:
     """FOMM Gaussian of an HxWxC uint8 frame (s ≥ 2) on its own interleaved layout."""
     h, w, c = frame.shape
     mod = _gaussian_module(c, s)
     with torch.inference_mode():
-        table = torch.from_numpy(np.ascontiguousarray(frame)).view(h, w * c).to(torch.float32)
-        plan = mod._plan(1, h, w, torch.float32, table.device, interleave=c)
-        z = mod._run(table, plan)  # (Ho, Wo·C) on 0..255
-        out = z.round_().clamp_(0.0, 255.0).to(torch.uint8)
-    return np.ascontiguousarray(out.numpy()).reshape(plan.ho, plan.wo // c, c)
+        plan = mod._frame_plan(h, w, c)
+        rows = torch.from_numpy(np.ascontiguousarray(frame)).view(h, w * c)
+        y = _byte_rows_vertical(rows, plan)  # (Ho, W·C) float32 on 0..255
+        # Horizontal: (Ho, W·C) seen channels-last as (Ho, C, 1, W), depthwise along W.
+        yc = y.view(plan.ho, w, c).permute(0, 2, 1).unsqueeze(2)
+        z = F.conv2d(yc, plan.dw_weight, stride=(1, s), padding=(0, mod.ka), groups=c)
+        out = z.round_().clamp_(0.0, 255.0).to(torch.uint8)  # (Ho, C, 1, Wo)
+        out = out.permute(0, 2, 3, 1)  # (Ho, 1, Wo, C): contiguous when channels-last
+    return np.ascontiguousarray(out.numpy()).reshape(plan.ho, -1, c)
 
 
 def centre_crop(frame: np.ndarray, side: int) -> np.ndarray:

@@ -254,8 +254,8 @@ def test_crop_then_downsample_gives_model_size() -> None:
 @pytest.mark.parametrize("s", [2, 3, 4, 8])
 @pytest.mark.parametrize("w", [1, 2, 7, 8, 9, 31, 33, 53, 64, 100, 130])
 def test_fast_path_widths_match_reference(s: int, w: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Widths below one block (fewer than 8 outputs), exact multiples of the s·8-column block,
-    # and widths that need the right-hand zero padding of the intermediate.
+    # Widths below one chunk (fewer than 16 outputs), exact multiples of the s·16-column chunk,
+    # and widths whose last chunk is partly past the frame.
     monkeypatch.setattr(AntiAliasDownsample, "_forward_conv", _no_conv_fallback)
     h = 2 * s + 3
     x = _rand(2, 3, h, w, seed=100 * s + w)
@@ -274,25 +274,26 @@ def _no_conv_fallback(self: AntiAliasDownsample, x: torch.Tensor) -> torch.Tenso
     raise AssertionError("the no-grad path must not use the differentiable conv fallback")
 
 
-def test_fast_path_vga_quarter_is_bags_plus_block_conv(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The benchmark's case, 640×480 → 160×120: exactly one embedding_bag and one conv2d.
+def test_fast_path_vga_quarter_is_bags_plus_one_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The benchmark's case, 640×480 → 160×120: exactly one embedding_bag and one bmm, no conv.
     calls: list[str] = []
-    bag, conv = torch.nn.functional.embedding_bag, torch.nn.functional.conv2d
+    bag, bmm, conv = torch.nn.functional.embedding_bag, torch.bmm, torch.nn.functional.conv2d
     monkeypatch.setattr(torch.nn.functional, "embedding_bag",
                         lambda *a, **k: calls.append("bag") or bag(*a, **k))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or bmm(*a, **k))
     monkeypatch.setattr(torch.nn.functional, "conv2d",
                         lambda *a, **k: calls.append("conv") or conv(*a, **k))
     monkeypatch.setattr(AntiAliasDownsample, "_forward_conv", _no_conv_fallback)
     x = _rand(1, 3, 480, 640, seed=42)
     out = AntiAliasDownsample(3, 1 / 4)(x)
-    assert calls == ["bag", "conv"]
+    assert calls == ["bag", "bmm"]
     assert (out.double() - fomm_reference(x.double(), 1 / 4)).abs().max().item() <= 1e-6
 
 
 def test_plan_operands_are_the_band_matrices() -> None:
-    # The bags and the block-conv weight, expanded back into dense matrices, are the banded
+    # The bags and the chunk weights, expanded back into dense matrices, are the banded
     # (zero-padded) Gaussian matrices: rows of Av are the vertical bags, Bh the horizontal pass.
-    from streamer.antialias import _horizontal_blocks, _vertical_bags
+    from streamer.antialias import _horizontal_chunks, _vertical_bags
 
     mod = AntiAliasDownsample(1, 1 / 4)
     taps = mod.taps64
@@ -314,18 +315,20 @@ def test_plan_operands_are_the_band_matrices() -> None:
         for b, (a, e) in enumerate(zip(off.tolist(), ends)):
             av[b, idx[a:e].long()] = wts[a:e]
         assert torch.equal(av, torch.block_diag(band(h), band(h)))
-    for w in (3, 32, 70):
-        p, blk, blocks, padded_w, weight = _horizontal_blocks(w, s, taps)
-        assert blk == s * p and blocks * p >= (w - 1) // s + 1 and padded_w >= w
-        half = weight.shape[-1] // 2
-        bh = torch.zeros(blocks * p, padded_w, dtype=torch.float64)
-        for m in range(blocks):
-            for d in range(-half, half + 1):
-                if 0 <= m + d < blocks:
-                    cols = slice((m + d) * blk, (m + d + 1) * blk)
-                    bh[m * p : (m + 1) * p, cols] = weight[:, :, 0, d + half]
-        # Taps that land on columns w.. read the zeros F.pad appends: FOMM's zero padding.
-        assert torch.equal(bh[: (w - 1) // s + 1, :w], band(w))
+    for w in (1, 3, 32, 70, 640):
+        g, chunks, window, weight, after = _horizontal_chunks(w, s, taps)
+        wo = (w - 1) // s + 1
+        assert weight.shape == (chunks, window, g) and chunks * g >= wo > (chunks - 1) * g
+        # Columns -ka … (last window's end) as a dense matrix; those outside 0 … w-1 must
+        # carry no weight (they are neighbouring rows or margin in the buffer).
+        cols = ka + s * g * chunks + window
+        bh = torch.zeros(chunks * g, cols, dtype=torch.float64)
+        for c in range(chunks):
+            bh[c * g : (c + 1) * g, s * g * c : s * g * c + window] = weight[c].t()
+        assert bh[:, :ka].abs().sum() == 0 and bh[:, ka + w :].abs().sum() == 0
+        assert bh[wo:].abs().sum() == 0
+        assert torch.equal(bh[:wo, ka : ka + w], band(w))
+        assert s * g * (chunks - 1) - ka + window - w == after or after == 0
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
@@ -348,3 +351,19 @@ def test_frame_path_interleaved_matches_float_reference(
     assert got.shape == (*_out_hw(45, 61, scale), channels)
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+
+
+def test_frame_path_byte_bags_equal_float_bags(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The vertical pass reads the frame as bytes (fbgemm's rowwise-uint8 embedding_bag with a
+    # unit scale); without that op it converts to float32. Both must give the same frame.
+    import streamer.antialias as aa
+
+    rng = np.random.default_rng(7)
+    for shape, scale in (((48, 64, 3), 1 / 4), ((37, 29, 1), 1 / 3), ((20, 22, 4), 1 / 2)):
+        frame = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        monkeypatch.setattr(aa, "_BYTE_BAG_OK", None)
+        fast = downsample_frame(frame, scale)
+        monkeypatch.setattr(aa, "_BYTE_BAG_OK", False)
+        slow = downsample_frame(frame, scale)
+        assert fast.shape == slow.shape and fast.flags.c_contiguous
+        assert np.array_equal(fast, slow)
