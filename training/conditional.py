@@ -1,0 +1,320 @@
+"""Train and measure the learned conditional P-frame coder (streamer/codec/conditional.py).
+
+The intra autoencoder stays frozen: its latents of consecutive frames are cached once, and the
+conditional coder learns on them. A training sample is a clip's frame t coded intra at a random
+level (the reference an I-frame leaves), then frames t+1 .. t+K coded as P-frames at the same
+level, each against the reconstruction before it (closed loop, as in a call). The loss is the
+rate the coder would spend (bits from its own Gaussian prior, per pixel) plus lambda * MSE of the
+frozen intra decoder's picture on a random crop, one lambda per level.
+
+    python -m training.conditional cache --data ../shared/data/train --out cache/conditional/train
+    python -m training.conditional cache --data ../shared/data/val --clips 18 --out cache/conditional/val
+    python -m training.conditional train --cache cache/conditional/train --dir checkpoints/conditional --steps 3000
+    python -m training.conditional evaluate --cache cache/conditional/val --dir checkpoints/conditional
+
+`train` resumes from the directory's checkpoint (safetensors + JSON, training/checkpoint.py), so
+a run can go on in a later session: `--steps` is the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamer.codec import NeuralCodec
+from streamer.codec.conditional import REF_FRAC, ConditionalCoder
+from streamer.codec.decision import keep_reference
+from streamer.errors import StreamerError
+
+from .checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+
+FPS = 30
+UNROLL = 3  # P-frames per sample
+BATCH = 8
+CROP = 14  # latents per side of the decoded crop (112 px)
+MARGIN = 16  # pixels at each edge of the crop the loss leaves out (the decoder sees no context there)
+LR, LR_END = 1e-3, 1e-4
+
+
+def lambdas(levels: int) -> list[float]:
+    """loss = bits per pixel + lambda * MSE (0..255): halving lambda per level roughly matches
+    the slope of the intra quantizer's levels (measured on the table-based P-frames)."""
+    return [0.2 * 0.5 ** lv for lv in range(levels)]
+
+
+def get_lr(step: int, steps: int) -> float:
+    return LR if step < 0.8 * steps else LR_END
+
+
+# -- data ------------------------------------------------------------------------------------------
+def cache(data: str, out: str, clips: int, frames: int, weights: str) -> None:
+    """Frames (N, T, 224, 224, 3) uint8 and their intra latents (N, T, C, 28, 28) float16."""
+    from .tables import training_clips
+
+    codec = NeuralCodec.load(weights)
+    t0 = time.time()
+    seqs = [c[:frames] for c in training_clips(data, codec.frame_size, clips, frames) if len(c) >= frames]
+    if not seqs:
+        raise StreamerError(f"no clip of {frames} frames under {data}")
+    pixels = np.stack(seqs)
+    with torch.inference_mode():
+        latents = np.stack([np.concatenate([codec.encoder(to_input(c[i:i + 30])).numpy() for i in range(0, frames, 30)])
+                            for c in pixels]).astype(np.float16)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    np.save(Path(out) / "pixels.npy", pixels)
+    np.save(Path(out) / "latents.npy", latents)
+    print(f"cached {len(pixels)} clips x {frames} frames in {out} ({time.time() - t0:.0f} s)")
+
+
+def to_input(frames: np.ndarray) -> torch.Tensor:
+    from streamer.codec.codec import to_tensor
+    return to_tensor(frames)
+
+
+def load_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
+    d = Path(path)
+    if not (d / "latents.npy").is_file() or not (d / "pixels.npy").is_file():
+        raise StreamerError(f"no cache in {d}: run `python -m training.conditional cache --out {d}` first")
+    return np.load(d / "latents.npy", mmap_mode="r"), np.load(d / "pixels.npy", mmap_mode="r")
+
+
+# -- training --------------------------------------------------------------------------------------
+def batch(latents: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, steps: list[float]):
+    """(y (B, K+1, C, H, W), pixels of frames 1..K cropped (B, K, 3, h, w), level (B,), crop origin)."""
+    n, t = latents.shape[:2]
+    clip, start = rng.integers(0, n, BATCH), rng.integers(0, t - UNROLL, BATCH)
+    y = torch.from_numpy(np.stack([latents[c, s:s + UNROLL + 1] for c, s in zip(clip, start)]).astype(np.float32))
+    r, c = rng.integers(0, latents.shape[-1] - CROP + 1, 2)
+    px = np.stack([pixels[i, s + 1:s + UNROLL + 1, r * 8 + MARGIN:(r + CROP) * 8 - MARGIN,
+                          c * 8 + MARGIN:(c + CROP) * 8 - MARGIN] for i, s in zip(clip, start)])
+    x = torch.from_numpy(px.astype(np.float32) / 255).permute(0, 1, 4, 2, 3)
+    level = torch.from_numpy(rng.integers(0, len(steps), BATCH))
+    return y, x, level, (int(r), int(c))
+
+
+def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int) -> None:
+    codec = NeuralCodec.load(weights)
+    decoder = codec.model.decoder.eval().requires_grad_(False)
+    intra_steps = codec.cfg.quantizer.steps
+    levels = min(len(intra_steps), 7)  # the two coarsest intra levels are below call quality
+    model = ConditionalCoder(intra_steps[:levels])
+    opt = torch.optim.Adam(model.parameters(), LR)
+    lam = torch.tensor(lambdas(levels))
+    start, elapsed = 0, 0.0
+    if has_checkpoint(directory):
+        state, opt_tensors, info = load_checkpoint(directory)
+        model.load_state_dict(state)
+        restore_optimizer(opt, opt_tensors, info["optimizer"])
+        start, elapsed = info["step"], info["elapsed_s"]
+        print(f"resumed at step {start} ({elapsed / 60:.0f} min trained)")
+    latents, pixels = load_cache(cache_dir)
+    rng = np.random.default_rng(seed + start)
+    t0, log = time.time(), []
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, steps)
+        y, x, level, (r, c) = batch(latents, pixels, rng, intra_steps[:levels])
+        step_i = torch.tensor(intra_steps)[level][:, None, None, None]
+        ref = torch.round(y[:, 0] / step_i) * step_i  # the I-frame's latents
+        loss, rate, mse = 0.0, 0.0, 0.0
+        for k in range(UNROLL):
+            ref, bits = model(y[:, k + 1], ref, level)
+            picture = decoder(ref[:, :, r:r + CROP, c:c + CROP])[:, :, MARGIN:-MARGIN, MARGIN:-MARGIN]
+            err = ((picture - x[:, k]) ** 2).mean((1, 2, 3)) * 255 ** 2
+            bpp = bits.sum((1, 2, 3)) / (y.shape[-1] * y.shape[-2] * 64)
+            loss = loss + (bpp + lam[level] * err).mean() / UNROLL
+            rate, mse = rate + bpp.mean().item() / UNROLL, mse + err.mean().item() / UNROLL
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.append((loss.item(), rate, mse))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            a = np.mean(log, 0)
+            log = []
+            print(f"step {step + 1}: loss {a[0]:.4f}  bpp {a[1]:.4f}  mse {a[2]:.2f}  "
+                  f"{(time.time() - t0) / 60:.1f} min", flush=True)
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            save_checkpoint(directory, model, opt, {"step": step + 1, "elapsed_s": elapsed + time.time() - t0,
+                                                    "weights": weights, "levels": levels, "seed": seed})
+    print(f"checkpoint in {directory}")
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def psnr(decoder, latents: torch.Tensor, pixels: np.ndarray) -> float:
+    with torch.inference_mode():
+        x = torch.cat([decoder(latents[i:i + 30]) for i in range(0, len(latents), 30)])
+    x = (x * 255).round()
+    ref = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2)
+    mse = ((x - ref) ** 2).mean((1, 2, 3))
+    return float((10 * torch.log10(255 ** 2 / mse)).mean())
+
+
+def intra_codes(codec: NeuralCodec, y: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    first, count, step = codec.quantizer.grid(level)
+    u = y.astype(np.float64) / step - first[:, None, None]
+    return np.clip(np.rint(u), 0, (count - 1)[:, None, None]).astype(np.uint8), u
+
+
+def table_chain(codec: NeuralCodec, clip: np.ndarray, level: int) -> tuple[float, torch.Tensor]:
+    """Today's P-frames at a fixed level: bits of the clip and its decoded latents."""
+    codes, _ = intra_codes(codec, clip[0], level)
+    bits = float(codec.entropy.estimate_bits(codes, level).sum())
+    ref, sent_all = codes, [codes]
+    for t in range(1, len(clip)):
+        c, u = intra_codes(codec, clip[t], level)
+        sent = keep_reference(c, u, ref, 0.8)
+        bits += float(codec.residual.estimate_bits(sent.astype(np.int16) - ref.astype(np.int16), level).sum())
+        ref = sent
+        sent_all.append(sent)
+    first, _, step = codec.quantizer.grid(level)
+    return bits, torch.from_numpy(((np.stack(sent_all) + first[None, :, None, None]) * step).astype(np.float32))
+
+
+def learned_chain(codec: NeuralCodec, model: ConditionalCoder, clip: np.ndarray, level: int,
+                  intra_level: int, deadzone: float = 0.0) -> tuple[float, torch.Tensor]:
+    """An I-frame at `intra_level`, then the learned P-frames at `level`: their real range-coded
+    payloads (streamer/codec/conditional.py's `encode_frame`), bits of the clip and its latents."""
+    from streamer.codec.conditional import encode_frame, gaussian_coder
+
+    coder = gaussian_coder()
+    codes, _ = intra_codes(codec, clip[0], intra_level)
+    bits = float(codec.entropy.estimate_bits(codes, intra_level).sum())
+    first, _, step = codec.quantizer.grid(intra_level)
+    ref = torch.from_numpy(np.floor((codes + first[:, None, None]) * step * (1 << REF_FRAC) + 0.5).astype(np.float32))[None]
+    out = [ref]
+    for t in range(1, len(clip)):
+        payload, ref = encode_frame(model, coder, torch.from_numpy(clip[t].astype(np.float32))[None], ref, level,
+                                    deadzone)
+        bits += 8 * len(payload)
+        out.append(ref)
+    return bits, torch.cat(out) / (1 << REF_FRAC)
+
+
+def anchor_rows(pixels: np.ndarray, kind: str, kbps: list[float]) -> list[dict]:
+    """x264 or VP8 (training/video_eval.py's settings) on the same clips, one row per target."""
+    from .video_eval import AnchorCoder
+
+    rows = []
+    for target in kbps:
+        nbytes, db = 0, 0.0
+        for clip in pixels:
+            coder = AnchorCoder(kind, target, FPS, clip.shape[1:3])
+            out = []
+            for frame in clip:
+                packets = coder.encode(np.asarray(frame))
+                nbytes += sum(len(p) for p in packets)
+                out.append(coder.decode(packets))
+            db += psnr_of_pictures(np.stack(out), np.asarray(clip))
+        rows.append({"coder": kind, "target_kbps": target, "kbps": nbytes * 8 / pixels[:, :, 0, 0, 0].size * FPS / 1000,
+                     "psnr": db / len(pixels)})
+        print(f"{kind:8s} {target:5.0f} kbps: {rows[-1]['kbps']:7.1f} kbps  {rows[-1]['psnr']:.2f} dB", flush=True)
+    return rows
+
+
+def psnr_of_pictures(out: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over frames of the PSNR of (T, H, W, 3) uint8 pictures."""
+    mse = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(255 ** 2 / np.maximum(mse, 1e-10))))
+
+
+def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_level: int,
+             anchors: list[str], kbps: list[float], deadzone: float = 0.0, tables: bool = True) -> dict:
+    """RD points of table-based and learned P-frame chains (an I-frame, then P-frames at one
+    level) and of the anchors on the same clips, with BD-rates between them."""
+    from .video_eval import bd_rate
+
+    codec = NeuralCodec.load(weights)
+    latents, pixels = load_cache(cache_dir)
+    latents, pixels = latents[:clips], pixels[:clips]
+    rows = []
+    model = None
+    if has_checkpoint(directory):
+        state, _, info = load_checkpoint(directory)
+        model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
+        model.load_state_dict(state)
+        model.eval()
+    for kind in ("tables", "learned"):
+        if (kind == "learned" and model is None) or (kind == "tables" and not tables):
+            continue
+        for level in range(7 if kind == "tables" else model.levels):
+            bits = db = 0.0
+            for i in range(len(latents)):
+                y = np.asarray(latents[i], np.float32)
+                b, lat = (table_chain(codec, y, level) if kind == "tables"
+                          else learned_chain(codec, model, y, level, intra_level, deadzone))
+                bits += b
+                db += psnr(codec.model.decoder, lat, np.asarray(pixels[i]))
+            frames = len(latents) * latents.shape[1]
+            rows.append({"coder": kind, "level": level, "kbps": bits / frames * FPS / 1000, "psnr": db / len(latents)})
+            print(f"{kind:8s} level {level}: {rows[-1]['kbps']:7.1f} kbps  {rows[-1]['psnr']:.2f} dB", flush=True)
+    for kind in anchors:
+        rows += anchor_rows(np.asarray(pixels), kind, kbps)
+
+    def curve(name: str) -> tuple[list[float], list[float]]:
+        return [r["kbps"] for r in rows if r["coder"] == name], [r["psnr"] for r in rows if r["coder"] == name]
+
+    names = sorted({r["coder"] for r in rows})
+    bd = {f"{test}_vs_{anchor}": bd_rate(curve(anchor), curve(test))
+          for test in ("learned", "tables") for anchor in names if test in names and anchor != test}
+    for k, v in bd.items():
+        print(f"BD-rate {k}: " + ("no overlap" if v is None else f"{v:+.1f} %"))
+    return {"clips": len(latents), "frames_per_clip": int(latents.shape[1]), "intra_level": intra_level,
+            "rows": rows, "bd_rate": bd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.conditional", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="cache frames and intra latents of consecutive frames")
+    c.add_argument("--data", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--clips", type=int, default=60)
+    c.add_argument("--frames", type=int, default=60)
+    t = sub.add_parser("train", help="train (resumes from --dir)")
+    t.add_argument("--cache", required=True)
+    t.add_argument("--dir", required=True)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="RD of table-based and learned P-frame chains")
+    e.add_argument("--cache", required=True)
+    e.add_argument("--dir", required=True)
+    e.add_argument("--clips", type=int, default=18)
+    e.add_argument("--intra-level", type=int, default=2)
+    e.add_argument("--anchors", default="x264,vp8", help="comma-separated: x264, vp8 (empty: none)")
+    e.add_argument("--kbps", default="100,150,300,500", help="the anchors' targets")
+    e.add_argument("--deadzone", type=float, default=0.0, help="the learned sender's RD decision, in steps")
+    e.add_argument("--tables", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the table-based P-frames")
+    e.add_argument("--json", metavar="PATH")
+    for s in (c, t, e):
+        s.add_argument("--weights", default="default")
+        s.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        if args.command == "cache":
+            cache(args.data, args.out, args.clips, args.frames, args.weights)
+        elif args.command == "train":
+            torch.manual_seed(args.seed)
+            train(args.cache, args.dir, args.steps, args.weights, args.seed)
+        else:
+            report = evaluate(args.cache, args.dir, args.weights, args.clips, args.intra_level,
+                              [a for a in args.anchors.split(",") if a], [float(k) for k in args.kbps.split(",")],
+                              args.deadzone, args.tables)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    except StreamerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
