@@ -39,7 +39,7 @@ class Caller:
         self.obj: call.Call | None = None
         self.task = asyncio.ensure_future(call.amain(call.parse_args(argv), self.stop, self._started))
         self.codes: dict[int, np.ndarray] = {}
-        self.shown_crc: dict[int, int] = {}  # complete frames this caller showed: their codes' CRC
+        self.shown_crc: dict[int, int] = {}  # frames it showed whole on a good reference: their codes' CRC
         self.shown_numbers: set[int] = set()  # every frame it showed
 
     def _started(self, obj: call.Call) -> None:
@@ -55,7 +55,9 @@ class Caller:
 
         def spy_show(frame, image):
             self.shown_numbers.add(frame.frame_number)
-            if frame.complete:
+            # (a whole P-frame on a reference a concealed frame broke is known broken until the
+            # refresh heals it: the receiver never takes it for the sender's, nor does this)
+            if frame.complete and frame.reference_ok:
                 self.shown_crc[frame.frame_number] = frame.crc()
             show(frame, image)
         obj.rx.show = spy_show
