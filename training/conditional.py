@@ -178,20 +178,32 @@ def table_chain(codec: NeuralCodec, clip: np.ndarray, level: int) -> tuple[float
 
 
 def learned_chain(codec: NeuralCodec, model: ConditionalCoder, clip: np.ndarray, level: int,
-                  intra_level: int, deadzone: float = 0.0) -> tuple[float, torch.Tensor]:
+                  intra_level: int, deadzone: float = 0.0, timing: dict | None = None) -> tuple[float, torch.Tensor]:
     """An I-frame at `intra_level`, then the learned P-frames at `level`: their real range-coded
-    payloads (streamer/codec/conditional.py's `encode_frame`), bits of the clip and its latents."""
-    from streamer.codec.conditional import encode_frame, gaussian_coder
+    payloads (streamer/codec/conditional.py's `encode_frame`), decoded by a receiver of its own
+    (`decode_frame` on its own reference, which must stay the sender's: StreamerError if not).
+    Bits of the clip and its latents; `timing` collects encode/decode milliseconds per frame."""
+    from streamer.codec.conditional import decode_frame, encode_frame, gaussian_coder
 
     coder = gaussian_coder()
     codes, _ = intra_codes(codec, clip[0], intra_level)
     bits = float(codec.entropy.estimate_bits(codes, intra_level).sum())
     first, _, step = codec.quantizer.grid(intra_level)
     ref = torch.from_numpy(np.floor((codes + first[:, None, None]) * step * (1 << REF_FRAC) + 0.5).astype(np.float32))[None]
+    receiver = ref.clone()
     out = [ref]
     for t in range(1, len(clip)):
+        t0 = time.perf_counter()
         payload, ref = encode_frame(model, coder, torch.from_numpy(clip[t].astype(np.float32))[None], ref, level,
                                     deadzone)
+        t1 = time.perf_counter()
+        receiver = decode_frame(model, coder, payload, receiver, level)
+        t2 = time.perf_counter()
+        if not torch.equal(receiver, ref):
+            raise StreamerError(f"frame {t}: the receiver's reference is not the sender's")
+        if timing is not None:
+            timing.setdefault("encode_ms", []).append((t1 - t0) * 1000)
+            timing.setdefault("decode_ms", []).append((t2 - t1) * 1000)
         bits += 8 * len(payload)
         out.append(ref)
     return bits, torch.cat(out) / (1 << REF_FRAC)
@@ -240,6 +252,7 @@ def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_lev
         model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
         model.load_state_dict(state)
         model.eval()
+    timing: dict = {}
     for kind in ("tables", "learned"):
         if (kind == "learned" and model is None) or (kind == "tables" and not tables):
             continue
@@ -248,7 +261,7 @@ def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_lev
             for i in range(len(latents)):
                 y = np.asarray(latents[i], np.float32)
                 b, lat = (table_chain(codec, y, level) if kind == "tables"
-                          else learned_chain(codec, model, y, level, intra_level, deadzone))
+                          else learned_chain(codec, model, y, level, intra_level, deadzone, timing))
                 bits += b
                 db += psnr(codec.model.decoder, lat, np.asarray(pixels[i]))
             frames = len(latents) * latents.shape[1]
@@ -265,8 +278,15 @@ def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_lev
           for test in ("learned", "tables") for anchor in names if test in names and anchor != test}
     for k, v in bd.items():
         print(f"BD-rate {k}: " + ("no overlap" if v is None else f"{v:+.1f} %"))
+    speed = {k: float(np.median(v)) for k, v in timing.items()}
+    if speed:
+        print(f"learned P-frame path, median per frame, {torch.get_num_threads()} thread(s): encode "
+              f"{speed['encode_ms']:.1f} ms, decode {speed['decode_ms']:.1f} ms (latents only; range coding "
+              "included); every receiver's reference equal to its sender's")
     return {"clips": len(latents), "frames_per_clip": int(latents.shape[1]), "intra_level": intra_level,
-            "rows": rows, "bd_rate": bd}
+            "deadzone": deadzone, "steps_trained": None if model is None else info["step"],
+            "trained_minutes": None if model is None else round(info["elapsed_s"] / 60, 1),
+            "rows": rows, "bd_rate": bd, "median_ms": speed, "references_identical": bool(speed)}
 
 
 def main(argv: list[str] | None = None) -> int:
