@@ -29,10 +29,12 @@ import torch
 
 from streamer.codec import NeuralCodec
 from streamer.codec.conditional import REF_FRAC, ConditionalCoder
-from streamer.codec.decision import keep_reference
+from streamer.codec.codec import to_tensor, to_uint8
+from streamer.codec.decision import keep_reference, unrounded_codes
 from streamer.errors import StreamerError
 
 from .checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from .metrics import mse_uint8, psnr_from_mse
 
 FPS = 30
 UNROLL = 3  # P-frames per sample
@@ -64,17 +66,12 @@ def cache(data: str, out: str, clips: int, frames: int, weights: str) -> None:
         raise StreamerError(f"no clip of {frames} frames under {data}")
     pixels = np.stack(seqs)
     with torch.inference_mode():
-        latents = np.stack([np.concatenate([codec.encoder(to_input(c[i:i + 30])).numpy() for i in range(0, frames, 30)])
+        latents = np.stack([np.concatenate([codec.encoder(to_tensor(c[i:i + 30])).numpy() for i in range(0, frames, 30)])
                             for c in pixels]).astype(np.float16)
     Path(out).mkdir(parents=True, exist_ok=True)
     np.save(Path(out) / "pixels.npy", pixels)
     np.save(Path(out) / "latents.npy", latents)
     print(f"cached {len(pixels)} clips x {frames} frames in {out} ({time.time() - t0:.0f} s)")
-
-
-def to_input(frames: np.ndarray) -> torch.Tensor:
-    from streamer.codec.codec import to_tensor
-    return to_tensor(frames)
 
 
 def load_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,17 +145,16 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int) -
 
 # -- evaluation ------------------------------------------------------------------------------------
 def psnr(decoder, latents: torch.Tensor, pixels: np.ndarray) -> float:
+    """Mean PSNR of the pictures the intra decoder makes of (T, C, H, W) latents."""
     with torch.inference_mode():
-        x = torch.cat([decoder(latents[i:i + 30]) for i in range(0, len(latents), 30)])
-    x = (x * 255).round()
-    ref = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2)
-    mse = ((x - ref) ** 2).mean((1, 2, 3))
-    return float((10 * torch.log10(255 ** 2 / mse)).mean())
+        out = np.concatenate([to_uint8(decoder(latents[i:i + 30])) for i in range(0, len(latents), 30)])
+    return psnr_of_pictures(out, pixels)
 
 
 def intra_codes(codec: NeuralCodec, y: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
-    first, count, step = codec.quantizer.grid(level)
-    u = y.astype(np.float64) / step - first[:, None, None]
+    """(the codes of latents y (C, H, W) at `level`, their unrounded values), as the quantizer."""
+    _, count, _ = codec.quantizer.grid(level)
+    u = unrounded_codes(codec.quantizer, y, level)
     return np.clip(np.rint(u), 0, (count - 1)[:, None, None]).astype(np.uint8), u
 
 
@@ -232,8 +228,7 @@ def anchor_rows(pixels: np.ndarray, kind: str, kbps: list[float]) -> list[dict]:
 
 def psnr_of_pictures(out: np.ndarray, ref: np.ndarray) -> float:
     """Mean over frames of the PSNR of (T, H, W, 3) uint8 pictures."""
-    mse = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(255 ** 2 / np.maximum(mse, 1e-10))))
+    return float(np.mean([psnr_from_mse(mse_uint8(o, r)) for o, r in zip(out, ref)]))
 
 
 def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_level: int,

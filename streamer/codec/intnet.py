@@ -83,6 +83,15 @@ class IntConv2d(nn.Module):
         b = torch.floor(self.conv.bias.detach().float() * 2.0 ** (wf + self.frac_in) + 0.5)
         return w, b.clamp(-BIAS_MAX, BIAS_MAX), wf
 
+    def _cached_weights(self) -> tuple[Tensor, Tensor, int]:
+        """`integer_weights`, computed again only when the float weights changed (a frame runs
+        every layer once or twice: their integers are the same from frame to frame)."""
+        version = (self.conv.weight._version, self.conv.bias._version, self.conv.weight.data_ptr())
+        if getattr(self, "_cache_version", None) != version:
+            self._cache = self.integer_weights()
+            self._cache_version = version
+        return self._cache
+
     def forward(self, x: Tensor) -> Tensor:
         """Training: integers in (as floats), integers out, with fake-quantized weights."""
         wf = self.weight_frac()
@@ -96,7 +105,7 @@ class IntConv2d(nn.Module):
     def exact(self, x: Tensor, weights: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
         """The integer path: (N, cin, H, W) integer-valued float32 -> (N, cout, H, W), the
         same on every machine (see the module's docstring)."""
-        w, b, wf = self.integer_weights() if weights is None else weights
+        w, b, wf = self._cached_weights() if weights is None else weights
         n, _, h, wd = x.shape
         p = self.k // 2
         cols = F.unfold(F.pad(x, (p, p, p, p), mode="replicate") if p else x, self.k)  # (N, cin*k*k, H*W)
