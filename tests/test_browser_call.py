@@ -29,12 +29,30 @@ pytestmark = [
 ]
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+def wait_for(cond: Callable[[], object], timeout: float = 30, what: str = "",
+             state: Callable[[], str] | None = None) -> None:
+    """Wait for `cond`; on a timeout, say what was awaited and (from `state`) where things stood."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
+            raise AssertionError(f"timed out waiting for {what or cond}" + (f"; {state()}" if state else ""))
         time.sleep(0.1)
+
+
+def direction_state(sender: call.Call, receiver: call.Call, page: Any) -> str:
+    """One direction of the call, from the page's camera to the other program's screen: where
+    frames stop when a wait times out."""
+    tx, src, ch = sender.tx, sender.tx.source, sender.tx.channel
+    channel = (f"channel {ch.channel.readyState} buffered {ch.channel.bufferedAmount} ready {ch.ready}"
+               if ch is not None else "no channel")
+    try:
+        page_sent = page.evaluate("() => window.callState.cameraSent")
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not hide the timeout
+        page_sent = f"? ({e})"
+    return (f"page sent {page_sent} JPEGs; source received {getattr(src, 'received', '?')} "
+            f"captured {src.captured} muted {src.muted} (muted frames {src.muted_frames}); "
+            f"camera_muted {sender.camera_muted}; sender totals {dict(tx.stats.totals)}; {channel}; "
+            f"receiver shown {receiver.rx.shown} {receiver.rx.assembler.n}")
 
 
 def settle(get: Callable[[], Any], quiet_s: float, timeout: float, what: str) -> Any:
@@ -204,10 +222,12 @@ def test_two_pages_are_the_two_callers_faces(browser: Any, tmp_path: Path) -> No
         wait_js(pb, "() => window.callState.otherCameraMuted === true", 10)  # B's page says so
         off_note = pb.text_content("#big-note")
         shown_a = a.rx.shown  # the other direction goes on
-        wait_for(lambda: a.rx.shown >= shown_a + 3, 60, "B → A frames while A is muted")
+        wait_for(lambda: a.rx.shown >= shown_a + 3, 60, "B → A frames while A is muted",
+                 lambda: direction_state(b, a, pb))
         shot(pb, tmp_path, "caller-b-other-muted.png", shots)
         pa.click("#mute-camera")
-        wait_for(lambda: b.rx.shown >= still[0] + 3, 60, "A → B frames again after unmute")
+        wait_for(lambda: b.rx.shown >= still[0] + 3, 60, "A → B frames again after unmute",
+                 lambda: direction_state(a, b, pa))
 
         # mute microphone on A: the flag the audio sender reads; the page stops sending PCM
         pa.click("#mute-mic")

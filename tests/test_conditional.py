@@ -174,3 +174,39 @@ def test_garbage_payload_decodes_to_something_or_a_packet_error_never_a_crash():
         except PacketError:
             continue
         assert out.shape == index.shape and (np.abs(out) <= g.half[index]).all()
+
+
+# -- saved coders ------------------------------------------------------------------------------------
+def test_a_saved_coder_loads_back_and_codes_the_same_bytes(tmp_path):
+    from streamer.codec import conditional
+
+    model = trained_like(ConditionalCoder(STEPS)).eval()
+    conditional.save(tmp_path / "c", model, 0x1234ABCD, {"steps": 5, "minutes": 0.1})
+    loaded = conditional.load(tmp_path / "c.json", 0x1234ABCD)
+    assert loaded.levels == 3 and loaded.info["training"]["steps"] == 5
+    y, ref = reference_latents()
+    coder = gaussian_coder()
+    assert encode_frame(model, coder, y, ref, 1)[0] == encode_frame(loaded, coder, y, ref, 1)[0]
+
+
+def test_a_saved_coder_for_another_intra_model_or_damaged_is_refused(tmp_path):
+    from streamer.codec import conditional
+    from streamer.errors import WeightsError
+
+    conditional.save(tmp_path / "c", ConditionalCoder(STEPS), 7, {})
+    with pytest.raises(WeightsError, match="trained on intra model"):
+        conditional.load(tmp_path / "c", 8)  # its latents would mean something else
+    js = tmp_path / "c.json"
+    good = js.read_text()
+    for bad, why in [("{", "not valid JSON"), (good.replace('"levels": 3', '"levels": 4'), "does not match"),
+                     (good.replace('"format_version": 1', '"format_version": 9'), "format_version"),
+                     (good.replace('"levels": 3', '"levels": true'), "integers")]:
+        js.write_text(bad)
+        with pytest.raises(WeightsError, match=why):
+            conditional.load(tmp_path / "c", 7)
+    js.write_text(good)
+    (tmp_path / "c.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(WeightsError, match="safetensors"):
+        conditional.load(tmp_path / "c", 7)
+    with pytest.raises(WeightsError, match="no conditional coder"):
+        conditional.load(tmp_path / "missing", 7)

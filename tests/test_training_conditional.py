@@ -65,3 +65,25 @@ def test_a_missing_cache_is_one_line_and_exit_2(tmp_path, capsys):
     assert T.main(["train", "--cache", str(tmp_path / "nothing"), "--dir", str(tmp_path / "d"), "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no cache" in err[0]
+
+
+def test_export_ships_the_checkpoint_and_init_goes_on_from_it(tiny_cache, tmp_path, capsys):
+    from streamer.codec import conditional
+
+    d, out = tmp_path / "ckpt", tmp_path / "shipped" / "coder"
+    assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d), "--steps", "2"]) == 0
+    assert T.main(["export", "--dir", str(d), "--out", str(out)]) == 0
+    coder = conditional.load(out, NeuralCodec.load("default").model_id)
+    assert coder.info["training"]["steps"] == 2
+    state, _, _ = load_checkpoint(d)
+    assert all(torch.equal(v, state[k]) for k, v in coder.state_dict().items())
+    # a machine without the checkpoint goes on from the shipped coder
+    d2 = tmp_path / "ckpt2"
+    assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d2), "--steps", "3", "--init", str(out)]) == 0
+    assert "started from" in capsys.readouterr().out
+    assert load_checkpoint(d2)[2]["step"] == 3
+    # and the shipped coder is what evaluate measures when there is no checkpoint
+    report = tmp_path / "r.json"
+    assert T.main(["evaluate", "--cache", str(tiny_cache), "--coder", str(out), "--clips", "1", "--anchors", "",
+                   "--no-tables", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["steps_trained"] == 2

@@ -11,15 +11,19 @@ frozen intra decoder's picture on a random crop, one lambda per level.
     python -m training.conditional cache --data ../shared/data/val --clips 18 --out cache/conditional/val
     python -m training.conditional train --cache cache/conditional/train --dir checkpoints/conditional --steps 3000
     python -m training.conditional evaluate --cache cache/conditional/val --dir checkpoints/conditional
+    python -m training.conditional export --dir checkpoints/conditional   # -> streamer/weights/conditional/
+    python -m training.conditional evaluate --cache cache/conditional/val   # the shipped coder
 
 `train` resumes from the directory's checkpoint (safetensors + JSON, training/checkpoint.py), so
-a run can go on in a later session: `--steps` is the total.
+a run can go on in a later session: `--steps` is the total. On a machine without the checkpoint,
+`--init default` goes on from the shipped coder (its steps count; Adam starts afresh).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from streamer.codec import NeuralCodec
+from streamer.codec import conditional
 from streamer.codec.conditional import REF_FRAC, ConditionalCoder
 from streamer.codec.codec import to_tensor, to_uint8
 from streamer.codec.decision import keep_reference, unrounded_codes
@@ -95,7 +100,9 @@ def batch(latents: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, ste
     return y, x, level, (int(r), int(c))
 
 
-def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int) -> None:
+def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, init: str | None = None) -> None:
+    """Train to `steps` in all: from the checkpoint in `directory` when there is one, else from
+    a saved coder `init` (its steps count; Adam starts afresh), else from scratch."""
     codec = NeuralCodec.load(weights)
     decoder = codec.model.decoder.eval().requires_grad_(False)
     intra_steps = codec.cfg.quantizer.steps
@@ -110,6 +117,13 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int) -
         restore_optimizer(opt, opt_tensors, info["optimizer"])
         start, elapsed = info["step"], info["elapsed_s"]
         print(f"resumed at step {start} ({elapsed / 60:.0f} min trained)")
+    elif init is not None:
+        saved = conditional.load(init, codec.model_id)
+        if saved.levels != levels:
+            raise StreamerError(f"--init {init} has {saved.levels} levels, this training {levels}")
+        model.load_state_dict(saved.state_dict())
+        start, elapsed = int(saved.info["training"].get("steps", 0)), 60.0 * float(saved.info["training"].get("minutes", 0))
+        print(f"started from {init} (step {start}, {elapsed / 60:.0f} min trained; a new optimizer)")
     latents, pixels = load_cache(cache_dir)
     rng = np.random.default_rng(seed + start)
     t0, log = time.time(), []
@@ -139,8 +153,44 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int) -
                   f"{(time.time() - t0) / 60:.1f} min", flush=True)
         if (step + 1) % 200 == 0 or step + 1 == steps:
             save_checkpoint(directory, model, opt, {"step": step + 1, "elapsed_s": elapsed + time.time() - t0,
-                                                    "weights": weights, "levels": levels, "seed": seed})
+                                                    "weights": weights, "levels": levels, "seed": seed,
+                                                    "cache": str(cache_dir), "init": init,
+                                                    "threads": torch.get_num_threads()})
     print(f"checkpoint in {directory}")
+
+
+def export(directory: str, out: str, weights: str) -> None:
+    """The checkpoint's coder as shipped weights (safetensors + JSON, no optimizer state)."""
+    import platform
+
+    if not has_checkpoint(directory):
+        raise StreamerError(f"no checkpoint in {directory}: train first")
+    codec = NeuralCodec.load(weights)
+    state, _, info = load_checkpoint(directory)
+    model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
+    model.load_state_dict(state)
+    training = {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1), "batch": BATCH,
+                "unroll": UNROLL, "lambdas": lambdas(info["levels"]), "seed": info.get("seed"),
+                "intra_weights": weights, "cache": info.get("cache"), "init": info.get("init"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                           f"{info.get('threads', '?')} thread(s)",
+                "command": "python -m training.conditional train"}
+    js, st = conditional.save(out, model, codec.model_id, training)
+    print(f"exported step {info['step']} to {js} and {st}")
+
+
+def load_coder(codec: NeuralCodec, directory: str | None, coder: str | None) -> tuple[ConditionalCoder | None, dict]:
+    """The coder to evaluate: the checkpoint in `directory`, else the saved coder `coder`
+    (None, {} when neither is given or the directory has no checkpoint)."""
+    if directory is not None and has_checkpoint(directory):
+        state, _, info = load_checkpoint(directory)
+        model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
+        model.load_state_dict(state)
+        return model.eval(), {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1)}
+    if coder is not None:
+        model = conditional.load(coder, codec.model_id)
+        return model, dict(model.info["training"])  # type: ignore[attr-defined]
+    return None, {}
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -231,22 +281,19 @@ def psnr_of_pictures(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean([psnr_from_mse(mse_uint8(o, r)) for o, r in zip(out, ref)]))
 
 
-def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_level: int,
-             anchors: list[str], kbps: list[float], deadzone: float = 0.0, tables: bool = True) -> dict:
+def evaluate(cache_dir: str, directory: str | None, weights: str, clips: int, intra_level: int,
+             anchors: list[str], kbps: list[float], deadzone: float = 0.0, tables: bool = True,
+             coder: str | None = None) -> dict:
     """RD points of table-based and learned P-frame chains (an I-frame, then P-frames at one
-    level) and of the anchors on the same clips, with BD-rates between them."""
+    level) and of the anchors on the same clips, with BD-rates between them. The learned coder
+    is the checkpoint in `directory`, else the saved coder `coder`."""
     from .video_eval import bd_rate
 
     codec = NeuralCodec.load(weights)
     latents, pixels = load_cache(cache_dir)
     latents, pixels = latents[:clips], pixels[:clips]
     rows = []
-    model = None
-    if has_checkpoint(directory):
-        state, _, info = load_checkpoint(directory)
-        model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
-        model.load_state_dict(state)
-        model.eval()
+    model, trained = load_coder(codec, directory, coder)
     timing: dict = {}
     for kind in ("tables", "learned"):
         if (kind == "learned" and model is None) or (kind == "tables" and not tables):
@@ -279,8 +326,7 @@ def evaluate(cache_dir: str, directory: str, weights: str, clips: int, intra_lev
               f"{speed['encode_ms']:.1f} ms, decode {speed['decode_ms']:.1f} ms (latents only; range coding "
               "included); every receiver's reference equal to its sender's")
     return {"clips": len(latents), "frames_per_clip": int(latents.shape[1]), "intra_level": intra_level,
-            "deadzone": deadzone, "steps_trained": None if model is None else info["step"],
-            "trained_minutes": None if model is None else round(info["elapsed_s"] / 60, 1),
+            "deadzone": deadzone, "steps_trained": trained.get("steps"), "trained_minutes": trained.get("minutes"),
             "rows": rows, "bd_rate": bd, "median_ms": speed, "references_identical": bool(speed)}
 
 
@@ -297,9 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dir", required=True)
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", metavar="CODER", help="start from a saved coder (e.g. default, the shipped "
+                   "one) when --dir has no checkpoint")
+    x = sub.add_parser("export", help="the checkpoint's coder as shipped weights")
+    x.add_argument("--dir", required=True)
+    x.add_argument("--out", default=str(conditional.PACKAGED / "default"),
+                   help="the weights' path without suffix (default: the package's)")
     e = sub.add_parser("evaluate", help="RD of table-based and learned P-frame chains")
     e.add_argument("--cache", required=True)
-    e.add_argument("--dir", required=True)
+    e.add_argument("--dir", help="a training checkpoint's directory")
+    e.add_argument("--coder", default="default", help="a saved coder, when --dir has no checkpoint "
+                   "(default: the shipped one)")
     e.add_argument("--clips", type=int, default=18)
     e.add_argument("--intra-level", type=int, default=2)
     e.add_argument("--anchors", default="x264,vp8", help="comma-separated: x264, vp8 (empty: none)")
@@ -308,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--tables", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the table-based P-frames")
     e.add_argument("--json", metavar="PATH")
-    for s in (c, t, e):
+    for s in (c, t, e, x):
         s.add_argument("--weights", default="default")
         s.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -318,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             cache(args.data, args.out, args.clips, args.frames, args.weights)
         elif args.command == "train":
             torch.manual_seed(args.seed)
-            train(args.cache, args.dir, args.steps, args.weights, args.seed)
+            train(args.cache, args.dir, args.steps, args.weights, args.seed, args.init)
+        elif args.command == "export":
+            export(args.dir, args.out, args.weights)
         else:
             report = evaluate(args.cache, args.dir, args.weights, args.clips, args.intra_level,
                               [a for a in args.anchors.split(",") if a], [float(k) for k in args.kbps.split(",")],
-                              args.deadzone, args.tables)
+                              args.deadzone, args.tables, args.coder)
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     except StreamerError as e:

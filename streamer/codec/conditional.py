@@ -33,16 +33,23 @@ and may be any float network.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..errors import WeightsError
 from .gaussian import GaussianCoder, frequencies, half_widths
 from .intnet import ACT_MAX, IntConv2d, quantize_activation, round_ste
+from .weights import parse_json, read_capped
 
 REF_FRAC = 8  # the reference: latents as integers at scale 2^-8
 CONTEXT_FRAC = 3  # the context network's input: 4 x latents at scale 2^-3 (|latent| < 8)
@@ -291,3 +298,64 @@ def _zero(m: nn.Conv2d) -> nn.Conv2d:
     nn.init.zeros_(m.weight)
     nn.init.zeros_(m.bias)
     return m
+
+
+# -- shipped weights -------------------------------------------------------------------------------
+FORMAT = "neural-video-codec-conditional"
+FORMAT_VERSION = 1
+PACKAGED = Path(__file__).resolve().parents[1] / "weights" / "conditional"
+MAX_BYTES = 16 << 20  # the shipped coder: under 1 MB
+
+
+def save(base: str | Path, model: ConditionalCoder, intra_model_id: int, training: dict[str, Any]) -> tuple[Path, Path]:
+    """`base`.safetensors (the coder's tensors) + `base`.json (its shape, the intra model it
+    codes the latents of, how it was trained)."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    js, st = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(st))
+    js.write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "channels": model.cfg.channels,
+                              "features": model.cfg.features, "levels": model.levels,
+                              "intra_model_id": f"{intra_model_id:08x}", "training": training}, indent=2) + "\n")
+    return js, st
+
+
+def load(name_or_path: str | Path, intra_model_id: int) -> ConditionalCoder:
+    """A saved coder (a packaged name such as 'default', or a path to either file), in eval mode.
+    WeightsError when the files are missing, malformed, or made for another intra model (its
+    latents would mean something else)."""
+    p = Path(name_or_path)
+    base = p.with_suffix("") if p.suffix in (".json", ".safetensors") else (
+        PACKAGED / p if p.parent == Path(".") and not p.exists() else p)
+    js, st = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if not js.is_file() or not st.is_file():
+        raise WeightsError(f"no conditional coder at {base} (need {js.name} and {st.name})")
+    info = parse_json(read_capped(js, 1 << 20), str(js))
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise WeightsError(f"{js} is not a conditional coder's config (format {FORMAT!r})")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{js}: format_version {info.get('format_version')!r}, this program reads {FORMAT_VERSION}")
+    if info.get("intra_model_id") != f"{intra_model_id:08x}":
+        raise WeightsError(f"{js} was trained on intra model {info.get('intra_model_id')!r}, "
+                           f"not the loaded one ({intra_model_id:08x})")
+    if not isinstance(info.get("training", {}), dict):
+        raise WeightsError(f"{js}: training must be an object")
+    info.setdefault("training", {})
+    shape = [info.get(k) for k in ("channels", "features", "levels")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256 for v in shape):
+        raise WeightsError(f"{js}: channels, features and levels must be integers 1..256, got {shape}")
+    model = ConditionalCoder([1.0] * shape[2], ConditionalConfig(shape[0], shape[1]))
+    try:
+        state = safetensors_load(read_capped(st, MAX_BYTES))
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: one line, never a traceback
+        raise WeightsError(f"{st}: not a safetensors file ({str(e)[:120]})") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != want:
+        odd = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise WeightsError(f"{st} does not match {js.name}: {odd}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.info = info  # type: ignore[attr-defined]
+    return model.eval()
