@@ -579,6 +579,10 @@ def test_codec_bench_runs_and_reports_skips(capsys):
     assert row["p_pack_ms"]["median"] > 0 and row["p_unpack_ms"]["median"] > 0
     assert 34 < row["p_packet_bytes"] < row["packet_bytes"]
     assert "p_pack" in bench.report(r)
+    # and the shipped learned coder's P-frame path, which gives the receiver the sender's reference
+    assert row["learned_p_encode_ms"]["median"] > 0 and row["learned_p_decode_ms"]["median"] > 0
+    assert 0 < row["learned_p_bytes"] < row["packet_bytes"] and row["learned_p_references_identical"]
+    assert "learned P-frames, lite at 64" in bench.report(r)
     assert r["quality"][0]["backend"] == "eager" and r["quality"][0]["codes_equal"] >= 0.999
     assert "skipped tensorrt" in bench.report(r)
     with pytest.raises(SystemExit):

@@ -33,7 +33,7 @@ import torch
 
 from streamer.codec import NeuralCodec
 from streamer.codec import conditional
-from streamer.codec.conditional import REF_FRAC, ConditionalCoder
+from streamer.codec.conditional import REF_FRAC, ConditionalCoder, intra_reference
 from streamer.codec.codec import to_tensor, to_uint8
 from streamer.codec.decision import keep_reference, unrounded_codes
 from streamer.errors import StreamerError
@@ -235,7 +235,7 @@ def learned_chain(codec: NeuralCodec, model: ConditionalCoder, clip: np.ndarray,
     codes, _ = intra_codes(codec, clip[0], intra_level)
     bits = float(codec.entropy.estimate_bits(codes, intra_level).sum())
     first, _, step = codec.quantizer.grid(intra_level)
-    ref = torch.from_numpy(np.floor((codes + first[:, None, None]) * step * (1 << REF_FRAC) + 0.5).astype(np.float32))[None]
+    ref = intra_reference(codes, first, step)
     receiver = ref.clone()
     out = [ref]
     for t in range(1, len(clip)):

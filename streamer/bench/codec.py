@@ -15,6 +15,11 @@ centre-cropped to the size):
   coding against the residual tables, slices of one SCTP chunk), and unpacking those slices;
   `p_packet_bytes` is a P-frame's size. (The networks are the same for I- and P-frames, so
   encode and decode above are the P-frame's too.)
+* learned_p_*, when the shipped learned conditional coder (streamer/codec/conditional.py) fits
+  the model: its P-frame path on the same consecutive frames at the default level, per frame,
+  after the intra encoder and before the intra decoder (both timed above): `encode_frame`
+  (context, conditional encoder, the two-pass prior, range coding, the next reference) and
+  `decode_frame` (the receiver's half), and its payload's bytes. It is not in the call yet.
 
 Times are per call (a whole batch), median and 99th percentile over --repeats calls after warm-up
 calls (which also absorb torch.compile / int8 compilation, reported as first_call_s). Beside wall
@@ -207,6 +212,42 @@ def time_inter_pack(codec: NeuralCodec, size: int, repeats: int, count: int = 9)
             "p_packet_bytes": sum(len(p) for ps in packets for p in ps) // len(packets)}
 
 
+def time_learned(codec: NeuralCodec, size: int, repeats: int, count: int = 9) -> dict[str, Any]:
+    """The learned P-frame path per frame (see the module docstring); {} when no shipped coder
+    fits this model."""
+    from ..backends.calibration import sample_frames
+    from ..codec import conditional as cond
+    from ..codec.codec import to_tensor
+
+    try:
+        model = cond.load("default", codec.model_id)
+    except WeightsError:
+        return {}
+    level = min(codec.cfg.quantizer.level, model.levels - 1)
+    frames = sample_frames(size, None)[:count]
+    with torch.inference_mode():
+        ys = [codec.encoder(to_tensor(f[None])) for f in frames[1:]]
+    first, _, step = codec.quantizer.grid(level)
+    ref0 = cond.intra_reference(codec.encode(frames[0], level).codes, first, step)  # after an I-frame
+    coder = cond.gaussian_coder()
+    enc_t, dec_t, sizes, identical = [], [], [], True
+    for _ in range(max(1, repeats // 4)):
+        ref = receiver = ref0
+        for y in ys:
+            t0 = time.perf_counter()
+            payload, ref = cond.encode_frame(model, coder, y, ref, level, cond.SENDER_DEADZONE)
+            t1 = time.perf_counter()
+            receiver = cond.decode_frame(model, coder, payload, receiver, level)
+            t2 = time.perf_counter()
+            identical = identical and torch.equal(receiver, ref)
+            enc_t.append(t1 - t0)
+            dec_t.append(t2 - t1)
+            sizes.append(len(payload))
+    return {"learned_p_encode_ms": stats(enc_t), "learned_p_decode_ms": stats(dec_t),
+            "learned_p_bytes": int(np.median(sizes)), "learned_p_level": level,
+            "learned_p_references_identical": identical}
+
+
 def measure(subjects: list[Subject], frames: np.ndarray, repeats: int, warmup: int,
             budget_s: float = float("inf")) -> None:
     """Warm up each subject, then `repeats` round-robin calls (fewer, but at least 5, when a cell
@@ -264,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             build_s[f"{preset}/{b}"] = round(time.perf_counter() - t, 2)
             subjects.append(Subject(b, codec))
         for size in args.sizes:
-            inter = time_inter_pack(base, size, args.repeats) or {}
+            inter = (time_inter_pack(base, size, args.repeats) or {}) | time_learned(base, size, args.repeats)
             for batch in args.batch:
                 frames = clip_frames(size, batch)
                 for s in subjects:
@@ -314,6 +355,12 @@ def report(r: dict[str, Any]) -> str:
                    f"{row['pack_ms']['median']:6.3f} {row['unpack_ms']['median']:6.3f} "
                    + (f"{row['p_pack_ms']['median']:6.3f} {row['p_unpack_ms']['median']:6.3f} {row['p_packet_bytes']:5d}"
                       if "p_pack_ms" in row else f"{'-':>6s} {'-':>6s} {'-':>5s}"))
+    for row in r["rows"]:
+        if "learned_p_encode_ms" in row and row["batch"] == r["rows"][0]["batch"] and row["backend"] == BASELINE:
+            out.append(f"learned P-frames, {row['preset']} at {row['size']}, level {row['learned_p_level']}: "
+                       f"encode_frame {row['learned_p_encode_ms']['median']:.2f} ms, decode_frame "
+                       f"{row['learned_p_decode_ms']['median']:.2f} ms (latents to latents, range coding "
+                       f"included), {row['learned_p_bytes']} bytes")
     if r["build_s"]:
         out.append("backend build s: " + ", ".join(f"{k} {v}" for k, v in r["build_s"].items()))
     for q in r["quality"]:

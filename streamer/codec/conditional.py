@@ -62,6 +62,7 @@ SCALES_PER_OCTAVE = 4
 SCALE_COUNT = 48
 SCALES = SCALE_MIN * 2.0 ** (np.arange(SCALE_COUNT) / SCALES_PER_OCTAVE)  # 0.11 ... 380
 K_MAX = 255  # the integers that travel lie in [-K_MAX, K_MAX]
+SENDER_DEADZONE = 0.8  # the sender's RD decision, in steps (measured: docs/results/learned-p-frames.md)
 HALF_WIDTHS = torch.from_numpy(np.minimum(half_widths(SCALES), K_MAX)).float()  # each table's range
 
 
@@ -243,6 +244,13 @@ def clamp_to_tables(k: Tensor, index: Tensor) -> Tensor:
     then reconstruct from)."""
     half = HALF_WIDTHS[index.long()]
     return torch.maximum(torch.minimum(k, half), -half)
+
+
+def intra_reference(codes: np.ndarray, first: np.ndarray, step: float) -> Tensor:
+    """The integer reference (1, C, H, W) that an I-frame's codes (C, H, W) leave at both ends
+    (`first`, `step`: the level's grid, `Quantizer.grid`)."""
+    latents = (codes.astype(np.float64) + np.asarray(first, np.float64)[:, None, None]) * step
+    return torch.from_numpy(np.floor(latents * (1 << REF_FRAC) + 0.5).astype(np.float32))[None]
 
 
 def gaussian_coder() -> GaussianCoder:

@@ -9,12 +9,13 @@ that loop compute on integers (Ballé et al., "Integer networks for data compres
 
 * activations are integers in [-ACT_MAX, ACT_MAX] (an implied scale of 2^-frac per layer);
 * weights are integers in [-WEIGHT_MAX, WEIGHT_MAX] (a per-layer power-of-two scale);
-* a 3 x 3 convolution is one `unfold` (copies, exact) and one float32 matrix product. Every
-  product and every partial sum is an integer of magnitude at most
-  ACT_MAX * WEIGHT_MAX * fan_in + |bias| < 2^24, and float32 holds every such integer
-  exactly, so the sum is exact in whatever order, blocking or vector width the BLAS uses;
-* rescaling to the next layer's scale multiplies by a power of two and rounds half up with
-  `floor(x + 0.5)`, in float64 (exact for these integers), then clamps.
+* a 3 x 3 convolution is nine float32 matrix products on shifted views of the input (no
+  Winograd, no FFT: plain sums of products). Every product and every partial sum is an
+  integer of magnitude at most ACT_MAX * WEIGHT_MAX * fan_in + |bias| < 2^24, and float32
+  holds every such integer exactly, so the sum is exact in whatever order, blocking or vector
+  width the BLAS uses;
+* rescaling to the next layer's scale is integer arithmetic: round half up by an arithmetic
+  shift of the int32 sum, then a clamp.
 
 `IntConv2d` trains in float with fake quantization (the straight-through estimator: the
 forward pass sees the rounded weights and activations, the gradient passes as if it did not),
@@ -106,10 +107,33 @@ class IntConv2d(nn.Module):
         """The integer path: (N, cin, H, W) integer-valued float32 -> (N, cout, H, W), the
         same on every machine (see the module's docstring)."""
         w, b, wf = self._cached_weights() if weights is None else weights
-        n, _, h, wd = x.shape
-        p = self.k // 2
-        cols = F.unfold(F.pad(x, (p, p, p, p), mode="replicate") if p else x, self.k)  # (N, cin*k*k, H*W)
-        acc = torch.matmul(w.reshape(w.shape[0], -1), cols) + b[:, None]  # exact: see above
-        # rescale in float64: a float32 sum near 2^24 plus 1/2 would need a 25th bit
-        out = torch.floor(acc.double() * 2.0 ** (self.frac_out - wf - self.frac_in) + 0.5)
-        return out.clamp_(self.lo, self.hi).float().reshape(n, -1, h, wd)
+        n, cin, h, wd = x.shape
+        k, p = self.k, self.k // 2
+        if k == 1:
+            acc = torch.matmul(w.reshape(w.shape[0], -1), x.reshape(n, cin, -1)) + b[:, None]
+            wp = wd
+        else:
+            # k*k matrix products on shifted views of the padded frame, flattened: tap (dy, dx)
+            # reads the flat array from dy * wp + dx on, so no im2col copy is made (measured
+            # 1.5-2x faster than unfold at 28 x 28). Each output row gets 2p junk columns (the
+            # taps wrap into the next row), cut off at the end. Exact: every partial sum is
+            # still an integer below 2^24, in whatever order the products are added.
+            wp = wd + 2 * p
+            flat = F.pad(F.pad(x, (p, p, p, p), mode="replicate").reshape(n, cin, -1), (0, 2 * p))
+            length = h * wp
+            taps = w.permute(2, 3, 0, 1)  # (k, k, cout, cin)
+            acc = torch.baddbmm(b[None, :, None].expand(n, -1, length), taps[0, 0].expand(n, -1, -1),
+                                flat[:, :, :length])
+            for t in range(1, k * k):
+                dy, dx = divmod(t, k)
+                acc.baddbmm_(taps[dy, dx].expand(n, -1, -1), flat[:, :, dy * wp + dx:dy * wp + dx + length])
+        # rescale in int32 (exact for these integers; float32 + 1/2 near 2^24 would need a 25th
+        # bit): round half up is (a + 2^(s-1)) >> s, an arithmetic shift
+        shift = wf + self.frac_in - self.frac_out
+        a = acc.to(torch.int32)
+        if shift > 0:
+            a = (a + (1 << (shift - 1))) >> shift
+        elif shift < 0:  # (beyond +-256 the clamp below decides alone: no overflow)
+            a = a.clamp_(-ACT_MAX - 1, ACT_MAX + 1) << -shift
+        out = a.clamp_(self.lo, self.hi).float().reshape(n, -1, h, wp)
+        return out[..., :wd].contiguous() if wp != wd else out
