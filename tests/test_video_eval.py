@@ -120,6 +120,38 @@ def test_the_session_coder_skips_frames_as_the_sender_does_when_even_the_coarses
     assert kbps < 0.6 * every_frame_kbps, (kbps, every_frame_kbps)
 
 
+def test_the_learned_coder_keeps_both_references_equal_frames_its_slices_and_skips_as_the_sender(codec):
+    from streamer.errors import StreamerError
+    from streamer.sources import prepare
+    from streamer.video import SAMPLE_CLIP, read_frames
+
+    model, why = V.learned_status(codec)
+    assert why is None, why  # the package ships one for its default model
+    frames = [prepare(f, 224) for f in read_frames(SAMPLE_CLIP, 12)]
+    coder = V.LearnedCoder(codec, model, 300.0, V.FPS)
+    kinds = []
+    for f in frames:
+        pkts = coder.encode(f)
+        assert pkts and all(len(p) <= V.SLICE_BYTES for p in pkts)
+        out = coder.decode(pkts)  # raises unless the receiver's reference is the sender's
+        assert out.shape == f.shape and out.dtype == np.uint8
+        kinds.append(pkts[0][0])
+    assert kinds[0] != V.LearnedCoder.P_MARK and set(kinds[1:]) == {V.LearnedCoder.P_MARK}
+    # a receiver whose reference drifted is caught, not shown
+    pkts = coder.encode(frames[0])
+    coder.receiver_ref = coder.receiver_ref + 1
+    with pytest.raises(StreamerError, match="not the sender's|does not decode"):
+        coder.decode(pkts)
+    # far below what the coarsest level costs: frames are skipped, the last picture shown again
+    starved = V.LearnedCoder(codec, model, 10.0, V.FPS)
+    sent = []
+    for f in frames:
+        pkts = starved.encode(f)
+        assert starved.decode(pkts).shape == f.shape  # a skipped frame shows the last picture
+        sent.append(sum(map(len, pkts)))
+    assert sent[0] > 0 and sent.count(0) >= 3, sent
+
+
 # -- the neural intra coder -----------------------------------------------------------------------
 
 def test_neural_intra_slices_and_decodes(codec):
@@ -184,8 +216,11 @@ def test_cli_report_rows_and_keys(clip_dir, tmp_path, capsys):
         assert key in report
     assert report["command"].startswith("python -m training.evaluate --video")
     assert report["clips"] == ["a.mp4", "b.mp4"] and report["frames"] == 20
+    from streamer.codec import NeuralCodec
+
+    learned = V.learned_status(NeuralCodec.load())[1] is None  # the shipped learned coder fits
     expected = ({"neural-intra", "x264"} | ({"vp8"} if V.vp8_status() is None else set())
-                | ({"neural"} if V.session_status() is None else set()))
+                | ({"neural"} if V.session_status() is None else set()) | ({"neural-learned"} if learned else set()))
     assert {r["codec"] for r in report["results"]} == expected
     if V.vp8_status() is not None:
         assert "vp8" in report["skipped"]  # said, not silently dropped

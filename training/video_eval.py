@@ -34,6 +34,12 @@ mean MSE) and MS-SSIM (`training.metrics.ms_ssim`), over all frames of all clips
   control), registered from `streamer.session` when that module provides `EncoderSession` and
   `DecoderSession` with the interface `SessionCoder` expects; otherwise listed under `skipped`.
   `--decision-threshold T` sets the sender's P-frame decision (`streamer.codec.decision`; 0: off).
+- `neural-learned`: the learned conditional P-frames (streamer/codec/conditional.py, the shipped
+  coder in streamer/weights/conditional/) after one I-frame, with the call's rate controller
+  (`LearnedCoder`). It is not in the call yet: its P-frame payloads are framed as the call
+  frames slices (pieces of one SCTP chunk, each behind a header and CRC of the version-4 size),
+  and the rate counts those headers. Every frame's receiver reference is checked against the
+  sender's. Skipped, with the reason, when no shipped coder fits the model.
 
 BD-rate (Bjontegaard): log-rate as a function of PSNR, interpolated piecewise-cubically (PCHIP,
 monotone; or a cubic fit, `method="cubic"`), the mean difference over the PSNR range both curves
@@ -70,8 +76,8 @@ FPS = 30.0  # the call's frame rate
 MAX_FRAMES = 150
 SLICE_BYTES = 1160  # the call's slices: one SCTP chunk
 DEFAULT_KBPS = (100, 150, 300, 500)
-CODEC_ORDER = ("neural", "neural-intra", "x264", "vp8")
-NEURAL_CODECS = ("neural", "neural-intra")  # best first
+CODEC_ORDER = ("neural", "neural-learned", "neural-intra", "x264", "vp8")
+NEURAL_CODECS = ("neural", "neural-learned", "neural-intra")  # the call's first
 
 
 # -- clips ----------------------------------------------------------------------------------------
@@ -261,6 +267,96 @@ def maybe_register_sessions(log: Callable[[str], None] = print, **session_option
     if why is None:
         register("neural", lambda codec, clip, kbps, fps: SessionCoder(codec, kbps, fps, **session_options))
     return why
+
+
+class LearnedCoder:
+    """The learned conditional P-frames (streamer/codec/conditional.py) as a `VideoCoder`: the
+    first frame an I-frame of the model (its real packets), then P-frames coded against an
+    integer reference that both ends keep, at the level the call's rate controller picks (P-
+    frames at most the coder's coarsest level; it skips a frame when even that is over budget,
+    as the sender does). The coder is not in the call yet, so its P-frames are framed as the
+    call frames slices: the payload cut into pieces that fit one SCTP chunk, each behind a
+    header and CRC of the version-4 size (`OVERHEAD_BYTES`), which the rate counts. The receiver
+    decodes each payload on its own reference, which must stay the sender's (StreamerError if
+    not: the evaluation proves lock-step on every frame)."""
+
+    memo_key = None
+    P_MARK = 0x50  # the stand-in header's first byte: a learned P-frame slice (level in the second)
+
+    def __init__(self, codec: NeuralCodec, model, target_kbps: float, fps: float) -> None:
+        from streamer.codec import conditional as cond
+        from streamer.ratecontrol import RateController
+
+        self.codec, self.model, self.cond = codec, model, cond
+        self.coder = cond.gaussian_coder()
+        self.rc = RateController(target_kbps, fps, model.levels)
+        self.fps, self.n, self.t = fps, 0, 0
+        self.sender_ref: torch.Tensor | None = None
+        self.receiver_ref: torch.Tensor | None = None
+        self.picture: np.ndarray | None = None
+
+    def encode(self, frame: np.ndarray) -> list[bytes]:
+        from streamer.codec.bitstream import OVERHEAD_BYTES
+        from streamer.codec.codec import to_tensor
+        from streamer.ratecontrol import FrameType
+
+        t = self.t / self.fps
+        self.t += 1
+        if self.n and self.rc.should_skip_frame():
+            self.rc.frame_dropped(t)  # no packets: the receiver shows its last picture again
+            return []
+        ftype = FrameType.INTRA if self.sender_ref is None else FrameType.INTER
+        level = self.rc.level_for_next_frame(ftype)
+        if ftype == FrameType.INTRA:
+            q = self.codec.encode(frame, level)
+            packets = self.codec.pack(q, self.n, int(t * 1e6), SLICE_BYTES)
+            first, _, step = self.codec.quantizer.grid(level)
+            self.sender_ref = self.cond.intra_reference(q.codes, first, step)
+        else:
+            with torch.inference_mode():
+                y = self.codec.encoder(to_tensor(frame[None]))
+            payload, self.sender_ref = self.cond.encode_frame(self.model, self.coder, y, self.sender_ref, level,
+                                                              self.cond.SENDER_DEADZONE)
+            room = SLICE_BYTES - OVERHEAD_BYTES
+            head = bytes([self.P_MARK, level]) + bytes(OVERHEAD_BYTES - 2)
+            packets = [head + payload[i:i + room] for i in range(0, max(len(payload), 1), room)]
+        self.rc.frame_sent(sum(len(p) for p in packets), level, ftype, t=t)
+        self.n += 1
+        return packets
+
+    def decode(self, packets: list[bytes]) -> np.ndarray:
+        from streamer.codec.bitstream import OVERHEAD_BYTES
+
+        if not packets:  # a skipped frame
+            if self.picture is None:
+                raise StreamerError("the first frame was skipped: nothing to show")
+            return self.picture
+        if packets[0][0] == self.P_MARK:
+            if self.receiver_ref is None:
+                raise StreamerError("a P-frame before any I-frame")
+            payload = b"".join(p[OVERHEAD_BYTES:] for p in packets)
+            self.receiver_ref = self.cond.decode_frame(self.model, self.coder, payload, self.receiver_ref,
+                                                       packets[0][1])
+        else:
+            slices = sorted((self.codec.unpack(p) for p in packets), key=lambda pk: pk.header.row_start)
+            first, _, step = self.codec.quantizer.grid(slices[0].header.level)
+            codes = np.concatenate([pk.codes for pk in slices], axis=1)
+            self.receiver_ref = self.cond.intra_reference(codes, first, step)
+        if not torch.equal(self.receiver_ref, self.sender_ref):
+            raise StreamerError(f"frame {self.n - 1}: the receiver's reference is not the sender's")
+        self.picture = self.codec.decode_latents(self.receiver_ref / (1 << self.cond.REF_FRAC))
+        return self.picture
+
+
+def learned_status(codec: NeuralCodec) -> tuple[object | None, str | None]:
+    """(the shipped learned coder, None) when it fits `codec`, else (None, why not)."""
+    from streamer.codec import conditional as cond
+    from streamer.errors import WeightsError
+
+    try:
+        return cond.load("default", codec.model_id), None
+    except WeightsError as e:
+        return None, str(e)
 
 
 # -- anchors: x264 and VP8 through PyAV -----------------------------------------------------------
@@ -496,6 +592,11 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
     why = vp8_status()
     if why:
         skipped["vp8"] = why
+    learned, why = learned_status(codec)
+    if why:
+        skipped["neural-learned"] = why
+    else:
+        register("neural-learned", lambda codec, clip, kbps, fps: LearnedCoder(codec, learned, kbps, fps))
     names = [c for c in CODEC_ORDER if c in CODERS and c not in skipped and (codecs is None or c in codecs)]
     for name, reason in skipped.items():
         log(f"{name}: skipped: {reason}")
@@ -583,7 +684,7 @@ def bd_rates(report: dict) -> dict:
         out["bd_rate_psnr_range"][anchor] = bd_psnr_range(a, t)
     # every neural codec against every anchor, for the table
     out["bd_rates"] = {f"{n} vs {a}": bd_rate(curve_of(report, a), curve_of(report, n))
-                       for n in NEURAL_CODECS for a in ("x264", "vp8", "neural-intra")
+                       for n in NEURAL_CODECS for a in ("x264", "vp8", "neural-intra", "neural")
                        if n != a and curve_of(report, n) and curve_of(report, a)}
     return out
 
@@ -618,6 +719,8 @@ def markdown(report: dict) -> str:
               f"vs neural-intra {_pct(report['bd_rate_vs_intra'])}."]
     for k, v in report.get("bd_rate_psnr_range", {}).items():
         lines.append(f"- common PSNR range vs {k}: " + ("none" if v is None else f"{v[0]:.2f}-{v[1]:.2f} dB"))
+    if report.get("bd_rates"):
+        lines.append("- every pair: " + ", ".join(f"{k} {_pct(v)}" for k, v in report["bd_rates"].items()))
     for k, v in report["skipped"].items():
         lines.append(f"- {k}: skipped: {v}")
     return "\n".join(lines)
@@ -629,7 +732,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"neural": ("o", "C0"), "neural-intra": ("s", "C1"), "x264": ("v", "C2"), "vp8": ("^", "C3")}
+    styles = {"neural": ("o", "C0"), "neural-learned": ("D", "C4"), "neural-intra": ("s", "C1"), "x264": ("v", "C2"),
+              "vp8": ("^", "C3")}
     kbps_seen: list[float] = []
     for name in CODEC_ORDER:
         marker, color = styles[name]
@@ -674,7 +778,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="comma-separated target rates in kbit/s (default 100,150,300,500)")
     g.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="frames per clip (default 150)")
     g.add_argument("--clips", type=int, default=None, help="only the first N clips")
-    g.add_argument("--codecs", default=None, help="comma-separated subset of neural,neural-intra,x264,vp8")
+    g.add_argument("--codecs", default=None, help="comma-separated subset of neural,neural-learned,neural-intra,x264,vp8")
     g.add_argument("--no-sweep", action="store_true", help="skip the intra codec's run at each level")
     g.add_argument("--decision-threshold", default="default", metavar="T|T0,T1,...",
                    help="neural: P-frames keep the reference's code where the latent is within T quantizer "
