@@ -138,10 +138,18 @@ def test_the_learned_coder_keeps_both_references_equal_frames_its_slices_and_ski
         kinds.append(pkts[0][0])
     assert kinds[0] != V.LearnedCoder.P_MARK and set(kinds[1:]) == {V.LearnedCoder.P_MARK}
     # a receiver whose reference drifted is caught, not shown
-    pkts = coder.encode(frames[0])
+    pkts = coder.encode(frames[-1])
+    assert pkts[0][0] == V.LearnedCoder.P_MARK
     coder.receiver_ref = coder.receiver_ref + 1
     with pytest.raises(StreamerError, match="not the sender's|does not decode"):
         coder.decode(pkts)
+    # a scene cut (another picture altogether) costs less as an I-frame and goes as one, which
+    # also gives the receiver the sender's reference again
+    from streamer.sources import SyntheticSource
+
+    cut = coder.encode(SyntheticSource(224).render(5))
+    assert cut[0][0] != V.LearnedCoder.P_MARK
+    coder.decode(cut)
     # far below what the coarsest level costs: frames are skipped, the last picture shown again
     starved = V.LearnedCoder(codec, model, 10.0, V.FPS)
     sent = []

@@ -315,11 +315,20 @@ class LearnedCoder:
         else:
             with torch.inference_mode():
                 y = self.codec.encoder(to_tensor(frame[None]))
-            payload, self.sender_ref = self.cond.encode_frame(self.model, self.coder, y, self.sender_ref, level,
-                                                              self.cond.SENDER_DEADZONE)
+            payload, ref = self.cond.encode_frame(self.model, self.coder, y, self.sender_ref, level,
+                                                  self.cond.SENDER_DEADZONE)
             room = SLICE_BYTES - OVERHEAD_BYTES
             head = bytes([self.P_MARK, level]) + bytes(OVERHEAD_BYTES - 2)
             packets = [head + payload[i:i + room] for i in range(0, max(len(payload), 1), room)]
+            # the I/P decision, outside the network: a P-frame that costs more than the frame
+            # alone (a scene cut, a new face) goes as an I-frame, which also resets both references
+            q = self.codec.quantizer.quantize(y, level)[0]
+            intra = self.codec.pack(q, self.n, int(t * 1e6), SLICE_BYTES)
+            if sum(map(len, intra)) < sum(map(len, packets)):
+                ftype, packets = FrameType.INTRA, intra
+                first, _, step = self.codec.quantizer.grid(level)
+                ref = self.cond.intra_reference(q.codes, first, step)
+            self.sender_ref = ref
         self.rc.frame_sent(sum(len(p) for p in packets), level, ftype, t=t)
         self.n += 1
         return packets
