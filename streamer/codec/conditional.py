@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,13 @@ def intra_reference(codes: np.ndarray, first: np.ndarray, step: float) -> Tensor
     (`first`, `step`: the level's grid, `Quantizer.grid`)."""
     latents = (codes.astype(np.float64) + np.asarray(first, np.float64)[:, None, None]) * step
     return torch.from_numpy(np.floor(latents * (1 << REF_FRAC) + 0.5).astype(np.float32))[None]
+
+
+def reference_crc(ref: Tensor) -> int:
+    """CRC32 of an integer reference. The sender sends it beside each P-frame (as it sends the
+    CRC of its codes today); a receiver whose reference is not the sender's learns it from the
+    mismatch, shows nothing of that frame and asks for an I-frame."""
+    return zlib.crc32(ref.to(torch.int32).contiguous().numpy().tobytes())
 
 
 def gaussian_coder() -> GaussianCoder:
