@@ -22,6 +22,16 @@ their reference directly; a lost or concealed frame breaks it, and `needs_keyfra
 the receiver to request an I-frame from the sender (concealment goes on meanwhile: missing rows
 and residuals decoded on a broken reference show the old picture's drift only until then).
 
+Learned P-frames (a conditional packet, codec/bitstream.py: one packet, the whole frame) are
+the learned coder's range streams against the *integer* reference of the frame they name
+(codec/conditional.py). The assembler holds that reference too: the one the previous frame left
+(an I- or table P-frame's codes on its level grid, or the last learned frame's integers), and
+decodes a learned P-frame on it, in order, when the reference is good and is the frame the
+packet names, and checks the packet's CRC of the sender's new reference against its own.
+Otherwise (or on a mismatch) the frame is concealed (the last picture: nothing decoded on a
+reference that is not the sender's is shown), and the reference stays broken until an I-frame. The CRC the sender sends beside it (`AssembledFrame.crc`) is then of
+the integer reference.
+
 Bad packets never raise: corrupt or truncated ones count in `bad_packets`, packets of another
 model, quantizer or latent shape in `foreign`; the call goes on.
 
@@ -103,6 +113,7 @@ class AssembledFrame:
         self.reference_ok = reference_ok  # these codes are the sender's (as far as the receiver knows)
         self._prev = prev if not have.all() else None
         self._latents: torch.Tensor | None = None
+        self.learned_ref: torch.Tensor | None = None  # a learned P-frame's integer reference
         self.first_arrival, self.last_arrival = first_arrival, last_arrival
 
     @property
@@ -122,10 +133,18 @@ class AssembledFrame:
         return not self.complete
 
     def crc(self) -> int:
+        if self.learned_ref is not None:
+            from .codec.conditional import reference_crc
+
+            return reference_crc(self.learned_ref)
         return codes_crc(self.codes)
 
     def latents(self, codec: NeuralCodec) -> torch.Tensor:
         """(1, C, H, W) float32 for `codec.decode_latents` (cached)."""
+        if self._latents is None and self.learned_ref is not None:
+            from .codec.conditional import REF_FRAC
+
+            self._latents = self.learned_ref / (1 << REF_FRAC)
         if self._latents is None:
             y = codec.latents(self.codes, self.lo, self.hi, self.level)
             if not self.have.all():
@@ -161,6 +180,7 @@ class _Pending:
     bad_rows: np.ndarray | None = None  # bool per latent row: residuals that cannot apply to ours
     wrong_ref: bool = False  # some slice named another reference than our previous frame
     widest_gap: float = 0.0  # s, between two of its slices' arrivals
+    learned_ref: torch.Tensor | None = None  # a decoded learned P-frame's integer reference
 
 
 @dataclass
@@ -176,6 +196,9 @@ class AssemblerCounters:
     lost: int = 0  # frame numbers skipped entirely (no slice arrived)
     restarts: int = 0
     mispredicted: int = 0  # inter frames coded against another reference than ours
+    learned: int = 0  # learned P-frames decoded
+    learned_undecodable: int = 0  # learned P-frames on a reference we lack (or that did not decode)
+    learned_mismatched: int = 0  # ... decoded, but to a reference whose CRC is not the sender's
     last_error: str = field(default="", repr=False)
 
 
@@ -183,10 +206,17 @@ class FrameAssembler:
     def __init__(self, codec: NeuralCodec, deadline_s: float = DEFAULT_DEADLINE_S,
                  clock: Callable[[], float] = time.monotonic, conceal_on_last: bool = True, *,
                  latent_shape: tuple[int, int, int] | None = None, max_gap: int = MAX_FRAME_GAP,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, learned: "object | None" = None) -> None:
         """latent_shape: the whole frame's latent (C, H, W) this call accepts (default: what the
-        codec's model makes for `codec.frame_size`; see `set_frame_size`)."""
+        codec's model makes for `codec.frame_size`; see `set_frame_size`). learned: the
+        conditional coder that decodes learned P-frames (None: they are refused as foreign)."""
         self.codec = codec
+        self.learned = learned
+        self._gaussian = None
+        if learned is not None:
+            from .codec.conditional import gaussian_coder
+
+            self._gaussian = gaussian_coder()
         self.deadline_s = deadline_s  # the least; `current_deadline_s` adapts above it
         self._gaps: deque[float] = deque(maxlen=SPREAD_WINDOW)  # widest gap between a frame's slices, s
         self._given_up: OrderedDict[int, float] = OrderedDict()  # frame -> its last slice's arrival
@@ -255,6 +285,11 @@ class FrameAssembler:
             self.n.bad_packets += 1
             self.n.last_error = f"{type(e).__name__}: {e}"
             return []
+        if p.conditional is not None and self.learned is None:
+            self.n.foreign += 1
+            self.n.last_error = ("a learned P-frame, but this receiver has no learned coder for its model "
+                                 "(streamer/weights/conditional/)")
+            return []
         return self._add_packet(p, now)
 
     def _add_packet(self, p: Packet, now: float) -> list[AssembledFrame]:
@@ -293,7 +328,15 @@ class FrameAssembler:
         if pend.have[rows].all():
             self.n.duplicate += 1
             return out
-        if p.residual is not None:  # prediction (already in pend.codes) + residual
+        if p.conditional is not None:
+            pend.inter = True
+            pend.learned_ref = self._decode_learned(p, pend)
+            if pend.learned_ref is None:  # concealed: the previous picture, and the reference broken
+                self._pending.pop(number)
+                out.append(self._emit(pend))
+                return out
+            pend.codes = self.codec.quantizer.quantize(pend.learned_ref / 256.0, h.level)[0].codes
+        elif p.residual is not None:  # prediction (already in pend.codes) + residual
             sizes = self._sizes(h.level)
             codes = pend.codes[:, rows].astype(np.int16) + p.residual
             top = (sizes - 1)[:, None, None]
@@ -328,6 +371,33 @@ class FrameAssembler:
             # on one path, so missing earlier slices are lost, not late: show it now
             out += self._flush(before=number)  # (nothing older is left by now)
             out.append(self._emit(self._pending.pop(number)))
+        return out
+
+    def _decode_learned(self, p: Packet, pend: _Pending) -> torch.Tensor | None:
+        """A learned P-frame's integer reference, decoded on ours; None when we lack the reference
+        it names (or it is broken, or the payload does not decode)."""
+        from .codec import conditional as cond
+
+        h, prev = p.header, self._prev
+        if (self.learned is None or prev is None or not self.reference_ok or prev.frame_number != h.ref_frame_number
+                or h.level >= self.learned.levels):
+            self.n.learned_undecodable += 1
+            return None
+        ref = prev.learned_ref
+        if ref is None:  # an I- or table P-frame: its codes on their level's grid
+            first, _, step = self.codec.quantizer.grid(prev.level)
+            ref = cond.intra_reference(prev.codes, first, step)
+        try:
+            out = cond.decode_frame(self.learned, self._gaussian, p.conditional, ref, h.level)
+        except PacketError as e:
+            self.n.learned_undecodable += 1
+            self.n.last_error = str(e)
+            return None
+        if cond.reference_crc(out) != p.conditional_crc:  # ours was not the sender's: never shown
+            self.n.learned_mismatched += 1
+            self.n.last_error = f"frame {h.frame_number}: the learned reference's CRC is not the sender's"
+            return None
+        self.n.learned += 1
         return out
 
     def poll(self) -> list[AssembledFrame]:
@@ -429,6 +499,7 @@ class FrameAssembler:
         self.reference_ok = bool(rows_ok.all())
         f = AssembledFrame(p.number, p.timestamp_us, p.codes, p.have, p.lo, p.hi, self._prev,
                            p.first_arrival, p.last_arrival, p.level, p.inter, self.reference_ok)
+        f.learned_ref = p.learned_ref
         if f.complete:
             self.n.complete += 1
         else:

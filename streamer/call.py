@@ -54,7 +54,7 @@ from .assembler import DEFAULT_DEADLINE_S
 from .audio import PushedAudioSource, open_audio
 from .codec import NeuralCodec
 from .receive import Receiver, add_audio_args, close_recorder, open_recorder, open_sink
-from .send import DEFAULT_KBPS, Sender, add_audio_arg
+from .send import DEFAULT_KBPS, P_FRAMES, Sender, add_audio_arg, learned_coder
 from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES
 from .signaling import KIND_AUDIO, KIND_CAMERA, Picture, Signaling, resolve_server
 from .sources import BrowserSource, FrameSource, open_source
@@ -366,6 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"periodic recovery at least every this many frames (default {DEFAULT_KEYFRAME_INTERVAL})")
     ap.add_argument("--recovery", choices=RECOVERIES, default=DEFAULT_RECOVERY,
                     help=f"how the other caller's broken reference is answered (default {DEFAULT_RECOVERY})")
+    ap.add_argument("--p-frames", choices=P_FRAMES, default="tables",
+                    help="how our P-frames are coded: tables (default) or learned, as streamer.send's")
     ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
                     help="slices (default) | lifetime, as streamer.send's")
     ap.add_argument("--lifetime-ms", type=int, default=T.DEFAULT_LIFETIME_MS, help="packet lifetime (lifetime transport)")
@@ -408,6 +410,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec: NeuralCodec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
                                         args.backend_cache)
     codec.quantizer.check_level(args.level)
+    if args.p_frames == "learned":
+        learned_coder(codec)  # none for this model: say so before joining the room
     size = cli.check_frame_size(codec, args.size)
     source: FrameSource = open_source(args.source, size, args.fps, quiet=args.quiet)
     try:
@@ -442,7 +446,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure, quiet=True,
                 share_original=True,
                 level=args.level, keyframe_interval=args.keyframe_interval, kbps=args.kbps or None,
-                recovery=args.recovery, audio=audio)
+                recovery=args.recovery, audio=audio, p_frames=args.p_frames)
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=True,
                   frame_size=size, audio=open_sink("call", args, recorder))

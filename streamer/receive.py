@@ -65,7 +65,11 @@ class Receiver:
         self.frame_log = frame_log or FrameLog(None)
         # the one latent shape this call's packets may have: anything else is refused unparsed
         self.frame_size = frame_size or codec.frame_size
-        self.assembler = FrameAssembler(codec, deadline_s, latent_shape=codec.latent_shape(self.frame_size))
+        # learned P-frames decode wherever the shipped learned coder fits the model
+        from .codec.conditional import shipped_for
+
+        self.assembler = FrameAssembler(codec, deadline_s, latent_shape=codec.latent_shape(self.frame_size),
+                                        learned=shipped_for(codec.model_id))
         self._foreign_said = 0
         self._shown_at_call = 0
         self.stats = CallStats("recv")
@@ -398,6 +402,8 @@ class Receiver:
         return {"role": "receiver", "shown": self.shown, "complete": n.complete, "concealed": n.concealed,
                 "overload": self.overload, "keyframe_requests": self.keyframe_requests,
                 "lost": n.lost, "bad_packets": n.bad_packets, "foreign": n.foreign, "late": n.late,
+                "learned": n.learned, "learned_undecodable": n.learned_undecodable,
+                "learned_mismatched": n.learned_mismatched,
                 "skipped": int(self.stats.totals.get("skipped", 0)), "verified": self.verified,
                 "mismatched": self.mismatched, "known_broken": self.known_broken, "bytes": n.bytes, "calls": self.calls,
                 "latency_ms": {q: round(percentile(lat, int(q[1:])) or 0, 1) for q in ("p50", "p95", "p99")},

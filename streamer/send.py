@@ -28,9 +28,9 @@ from server.protocol import bitrate_error
 
 from . import cli
 from . import transport as T
-from .assembler import codes_crc
 from .audio import AudioSource, check_audio_spec, open_audio
 from .codec import NeuralCodec
+from .errors import ConfigError
 from .metrics import psnr
 from .receive import jpeg
 from .ratecontrol import RateController
@@ -43,13 +43,28 @@ STARTED = time.monotonic()
 DEFAULT_KBPS = 300.0  # a video call's rate (x264 and VP8 reach ~38 dB there on val)
 
 
+P_FRAMES = ("tables", "learned")
+
+
+def learned_coder(codec: NeuralCodec):
+    """The shipped learned P-frame coder for this model (`--p-frames learned`); ConfigError,
+    one line, when there is none for it."""
+    from .codec.conditional import shipped_for
+
+    coder = shipped_for(codec.model_id)
+    if coder is None:
+        raise ConfigError(f"--p-frames learned: no learned coder ships for model {codec.model_id:08x} "
+                          "(streamer/weights/conditional/ is for the default model)")
+    return coder
+
+
 class Sender:
     def __init__(self, codec: NeuralCodec, source: FrameSource, sig: Signaling, cfg: T.TransportConfig, *,
                  ice_addresses: list[str] | None = None, stun: list[str] = (), measure: bool = False,
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
                  quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
                  inter: bool = True, kbps: float | None = None, recovery: str = DEFAULT_RECOVERY,
-                 audio: AudioSource | None = None) -> None:
+                 audio: AudioSource | None = None, p_frames: str = "tables") -> None:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         self.audio = audio  # our sound: one audio track per call, on the same peer connection
         self.audio_track: Any = None
@@ -57,10 +72,14 @@ class Sender:
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
         # the call's reference frame and the I/P decision (one per call: reset on a new one)
+        learned = learned_coder(codec) if p_frames == "learned" else None
         self.session = EncoderSession(codec, max_packet_bytes=cfg.max_packet_bytes, level=self.level,
-                                      keyframe_interval=keyframe_interval, inter=inter, recovery=recovery)
-        # --kbps: the level of each frame from the bits the frames really made (None: --level)
-        self.rate = (RateController(kbps, source.fps, codec.levels, start_level=codec.levels - 2)
+                                      keyframe_interval=keyframe_interval, inter=inter, recovery=recovery,
+                                      learned=learned)
+        # --kbps: the level of each frame from the bits the frames really made (None: --level);
+        # learned P-frames have the finest levels only
+        levels = codec.levels if learned is None else min(codec.levels, learned.levels)
+        self.rate = (RateController(kbps, source.fps, levels, start_level=levels - 2)
                      if kbps and codec.levels > 1 else None)
         self._peer_totals: dict[str, float] = {}
         self.ice, self.stun = ice_addresses, list(stun)
@@ -219,7 +238,7 @@ class Sender:
             if cand.refresh_rows is not None:
                 self.stats.count("refresh_frames")  # P-frames that sent a band intra
             self.stats.count("bytes", nbytes)
-            meta: dict[str, Any] = {"f": number, "crc": codes_crc(q.codes)}
+            meta: dict[str, Any] = {"f": number, "crc": cand.crc}
             if number % 10 == 0 and self.audio_track is not None and self.audio_track.epoch0 is not None:
                 meta["at0"] = self.audio_track.epoch0  # our sound's capture clock: the receiver aligns to it
             self._send_meta(meta)
@@ -405,6 +424,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recovery", choices=RECOVERIES, default=DEFAULT_RECOVERY,
                     help="how a receiver's broken reference (and the periodic refresh) is answered: an "
                     f"I-frame (keyframe) or intra refresh, a band of rows a frame (default {DEFAULT_RECOVERY})")
+    ap.add_argument("--p-frames", choices=P_FRAMES, default="tables",
+                    help="how P-frames are coded: tables (residuals against the reference's codes, the "
+                    "default) or learned (the shipped learned conditional coder; recovery by I-frames)")
     ap.add_argument("--intra-only", action="store_true",
                     help="code every frame alone (no P-frames: ~3x the rate, for comparison)")
     ap.add_argument("--transport", choices=T.TRANSPORTS, default=T.DEFAULT_TRANSPORT,
@@ -456,6 +478,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
                            args.backend_cache)
     codec.quantizer.check_level(args.level)  # a bad --level: say so before joining the room
+    if args.p_frames == "learned":
+        learned_coder(codec)  # none for this model: say so before joining the room
     size = cli.check_frame_size(codec, args.size)
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
     try:
@@ -476,7 +500,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
                 quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
-                inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery, audio=audio)
+                inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery, audio=audio,
+                p_frames=args.p_frames)
     if on_start is not None:
         on_start(tx)
     if args.seconds:

@@ -17,6 +17,12 @@ lives here, outside the network (as in DCVC-RT): an I-frame when there is no ref
 the receiver asked for one (`request_keyframe`, what RTCP PLI is to RTP: its reference broke
 after a loss), or every `keyframe_interval` frames; a P-frame otherwise. An I-frame replaces
 the reference at both ends.
+
+With a learned conditional coder (`learned`, streamer/codec/conditional.py) the P-frames are
+its range streams against an *integer* reference in latent space (`EncoderSession.learned_ref`,
+which the receiver's assembler rebuilds bit for bit), one packet a frame; recovery is then an
+I-frame (a band of intra rows cannot heal a reference that the networks mix across rows), and a
+P-frame that would cost more than the frame alone goes as an I-frame.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .assembler import AssembledFrame, FrameAssembler
+from .assembler import AssembledFrame, FrameAssembler, codes_crc
 from .codec import NeuralCodec
 from .codec.decision import keep_reference, unrounded_codes
 from .codec.quantizer import Quantized
@@ -67,13 +73,25 @@ class Candidate:
     packets: list[bytes]
     encode_ms: float
     refresh_rows: tuple[int, int] | None = None  # the latent rows a refreshing P-frame sends intra
+    learned_ref: "object | None" = None  # learned coding: the integer reference this frame leaves
+
+    @property
+    def crc(self) -> int:
+        """What the sender sends beside the frame: the CRC of the reference it leaves (its codes;
+        a learned P-frame's: the integer reference), which the receiver checks its own against."""
+        if self.learned_ref is not None and self.frame_type == FrameType.INTER:
+            from .codec.conditional import reference_crc
+
+            return reference_crc(self.learned_ref)
+        return codes_crc(self.q.codes)
 
 
 class EncoderSession:
     def __init__(self, codec: NeuralCodec, *, max_packet_bytes: int | None = None, level: int | None = None,
                  keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None,
                  decision_threshold: float | Sequence[float] | None = DEFAULT_DECISION_THRESHOLD,
-                 recovery: str = DEFAULT_RECOVERY, refresh_frames: int = DEFAULT_REFRESH_FRAMES) -> None:
+                 recovery: str = DEFAULT_RECOVERY, refresh_frames: int = DEFAULT_REFRESH_FRAMES,
+                 learned: "object | None" = None) -> None:
         """inter: code P-frames (default: when the model has residual tables).
         decision_threshold: a P-frame keeps the reference's code wherever the latent is within
         this many quantizer steps of it (`codec.decision.keep_reference`); one value for every
@@ -81,7 +99,13 @@ class EncoderSession:
         recovery: how a broken reference at the receiver (`request_keyframe`) and the periodic
         refresh (`keyframe_interval`) are answered: "keyframe", an I-frame; "refresh", intra
         refresh, a band of latent rows sent intra in each of the next `refresh_frames` P-frames
-        (no I-frame's burst of bytes; the picture heals band by band)."""
+        (no I-frame's burst of bytes; the picture heals band by band).
+        learned: a `conditional.ConditionalCoder` for the P-frames instead of the residual
+        tables (step-mode models only); recovery is then always an I-frame."""
+        if learned is not None:
+            if codec.cfg.quantizer.mode != "step":
+                raise ConfigError("learned P-frames need a step-mode quantizer")
+            recovery = "keyframe"
         if recovery not in RECOVERIES:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERIES)}, got {recovery!r}")
         if not (isinstance(refresh_frames, int) and 1 <= refresh_frames <= 255):
@@ -94,6 +118,13 @@ class EncoderSession:
         self.keyframe_interval = keyframe_interval
         self.inter = codec.codes_p_frames if inter is None else (inter and codec.codes_p_frames)
         self.reference: Reference | None = None
+        self.learned = learned
+        self.learned_ref = None  # learned coding: the integer reference both ends hold
+        self._gaussian = None
+        if learned is not None:
+            from .codec.conditional import gaussian_coder
+
+            self._gaussian = gaussian_coder()
         self._keyframe_requested = False
         self._since_keyframe = 0
         self.frames = {FrameType.INTRA: 0, FrameType.INTER: 0}  # committed frames of each type
@@ -141,6 +172,8 @@ class EncoderSession:
         t0 = time.perf_counter()
         level = self.level if level is None else self.codec.quantizer.check_level(level)
         frame_type = self.next_frame_type()
+        if self.learned is not None:
+            return self._encode_learned(image, frame_number, timestamp_us, level, frame_type, t0)
         if frame_type == FrameType.INTER:
             assert self.reference is not None
             prediction = self.codec.quantizer.requantize(self.reference.codes, self.reference.level, level)
@@ -164,9 +197,36 @@ class EncoderSession:
         return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000,
                          refresh)
 
+    def _encode_learned(self, image: np.ndarray, frame_number: int, timestamp_us: int, level: int,
+                        frame_type: FrameType, t0: float) -> Candidate:
+        """An I-frame, or a learned P-frame (one packet) unless it would cost more than the I-frame."""
+        import torch
+
+        from .codec import conditional as cond
+
+        if frame_type == FrameType.INTER:
+            level = min(level, self.learned.levels - 1)  # the coder's levels are the finest ones
+        latents, q = self.codec.encode_with_latents(image, level)
+        packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
+        first, _, step = self.codec.quantizer.grid(level)
+        ref = cond.intra_reference(q.codes, first, step)
+        if frame_type == FrameType.INTER:
+            assert self.reference is not None and self.learned_ref is not None
+            payload, p_ref = cond.encode_frame(self.learned, self._gaussian, torch.from_numpy(latents)[None],
+                                               self.learned_ref, level, cond.SENDER_DEADZONE)
+            packet = self.codec.pack_conditional(payload, frame_number, timestamp_us, q.codes.shape, level,
+                                                 self.reference.frame_number, cond.reference_crc(p_ref))
+            if len(packet) <= sum(map(len, packets)):  # else a scene cut: the I-frame is cheaper
+                packets, ref = [packet], p_ref
+            else:
+                frame_type = FrameType.INTRA
+        return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000,
+                         learned_ref=ref)
+
     def commit(self, candidate: Candidate) -> None:
         """The candidate was sent: it is the reference now (both ends rebuild the same codes)."""
         self.reference = Reference(candidate.frame_number, candidate.q.codes, candidate.q.level)
+        self.learned_ref = candidate.learned_ref
         self.frames[candidate.frame_type] += 1
         if candidate.frame_type == FrameType.INTRA:
             self._keyframe_requested = self._refresh_requested = False
@@ -185,6 +245,7 @@ class EncoderSession:
     def reset(self) -> None:
         """A new call: no reference, so the next frame is an I-frame."""
         self.reference = None
+        self.learned_ref = None
         self._keyframe_requested = self._refresh_requested = False
         self._refresh_from = self._recovery_started = None
         self._since_keyframe = 0
@@ -210,9 +271,10 @@ class DecoderSession:
     """The receiving end without a network: packets of each frame in order -> its picture.
     The reference lives in the assembler (as in the call); every frame is decoded."""
 
-    def __init__(self, codec: NeuralCodec, frame_size: int | None = None) -> None:
+    def __init__(self, codec: NeuralCodec, frame_size: int | None = None, learned: "object | None" = None) -> None:
+        """learned: the conditional coder, to decode learned P-frames."""
         self.codec = codec
-        self.assembler = FrameAssembler(codec, latent_shape=codec.latent_shape(frame_size))
+        self.assembler = FrameAssembler(codec, latent_shape=codec.latent_shape(frame_size), learned=learned)
         self.last: AssembledFrame | None = None
 
     def decode(self, packets: list[bytes]) -> np.ndarray:

@@ -105,8 +105,8 @@ def test_parser_rejects_foreign_version_model_and_shape():
     with pytest.raises(PacketError, match="not a frame packet"):
         unpack(reseal(bytes(body)))
     body = bytearray(good[:-4])
-    body[1] |= 1  # the reserved flag bit
-    with pytest.raises(PacketError, match="reserved"):
+    body[1] |= 1  # the conditional flag on an intra slice: only whole learned P-frames have it
+    with pytest.raises(PacketError, match="conditional packet is a whole inter frame"):
         unpack(reseal(bytes(body)))
     with pytest.raises(PacketError, match="truncated"):
         unpack(good[:-1])

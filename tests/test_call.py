@@ -291,3 +291,41 @@ def test_forged_packets_are_refused_and_the_frame_rate_holds():
     (shown_before, sent_before, _), (shown, sent, injected), foreign = asyncio.run(main())
     assert injected >= 40 and foreign >= 0.8 * injected, (injected, foreign)
     assert sent >= 20 and shown >= 0.9 * sent - 2, (shown, sent, shown_before, sent_before)
+
+
+def test_a_call_on_learned_p_frames_holds_the_reference_and_recovers_from_an_injected_mismatch():
+    """`--p-frames learned`: the learned coder's P-frames over the real data channel, decoded on
+    the receiver's own integer reference; a mismatch injected into that reference (what a bit flip
+    or a divergent CPU would cause) is caught by the packet's CRC, never shown, and healed by the
+    I-frame the receiver asks for."""
+
+    def corrupt(assembler):
+        ref = assembler._prev.learned_ref if assembler._prev is not None else None
+        if ref is not None:
+            ref[0, 4, 9, 9] += 3
+        return []
+
+    async def main():
+        async with run_server("127.0.0.1", 0, {ROOM: SECRET}) as srv:
+            rx = Running(receive, common(srv, "receiver"))
+            await wait_until(lambda: rx.obj is not None)
+            tx = Running(send, common(srv, "sender") + ["--source", "sample", "--fps", "5", "--audio", "none",
+                                                        "--p-frames", "learned"])
+            n = lambda: rx.obj.assembler.n  # noqa: E731
+            await wait_until(lambda: n().learned >= 8, timeout=90)
+            while n().learned_mismatched == 0:  # (a no-op while the last frame is an I-frame)
+                rx.obj._hand_to_parser(corrupt, rx.obj.assembler)
+                await asyncio.sleep(0.5)
+            healed_from = n().learned
+            await wait_until(lambda: n().learned >= healed_from + 6, timeout=60)
+            txo = await tx.finish()
+            await asyncio.sleep(1.0)
+            return txo, await rx.finish()
+
+    txo, rxo = asyncio.run(main())
+    n = rxo.assembler.n
+    assert n.learned_mismatched >= 1 and rxo.keyframe_requests >= 1
+    assert txo.session.recovery == "keyframe" and txo.session.frames[FrameType.INTRA] >= 2
+    # every shown frame whose CRC came was the sender's: the mismatched frame was never shown whole
+    assert rxo.mismatched == 0 and rxo.verified >= 0.8 * n.learned, (rxo.verified, n)
+    assert n.bad_packets == 0 and n.foreign == 0

@@ -143,6 +143,7 @@ def analyse(frames: list[dict[str, Any]], sender: dict[str, Any], receiver: dict
         "assembled_pct": round(100 * (receiver.get("complete", 0) + receiver.get("concealed", 0))
                                / max(1, sender.get("sent", 0)), 1),
         "complete": receiver.get("complete"), "concealed": receiver.get("concealed"),
+        "learned_p_frames": receiver.get("learned"), "learned_mismatched": receiver.get("learned_mismatched"),
         "lost": receiver.get("lost"), "skipped_by_decoder": receiver.get("skipped"),
         "dropped_at_sender": sender.get("dropped"), "capture_dropped": sender.get("capture_dropped"),
         "bad_packets": receiver.get("bad_packets"), "late_slices": receiver.get("late"),
@@ -337,6 +338,8 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
             send += ["--level", str(args.level)]
         if args.recovery is not None:
             send += ["--recovery", args.recovery]
+        if args.p_frames is not None:
+            send += ["--p-frames", args.p_frames]
         if loss > 0:
             send += ["--simulate-loss", str(loss), "--loss-seconds", str(loss_s)]
         if measure:
@@ -387,7 +390,8 @@ def call(args: argparse.Namespace, loss: float, measure: bool) -> tuple[dict[str
                         "audio_delay_ms": args.audio_delay_ms, "transport": args.transport,
                         "loss": loss, "loss_seconds": loss_s if loss > 0 else 0, "weights": args.weights,
                         "backend": args.backend, "threads": args.threads, "rto_min": args.rto_min,
-                        "kbps": args.kbps, "level": args.level, "recovery": args.recovery, "measure": measure, "model": sender.get("model")}
+                        "kbps": args.kbps, "level": args.level, "recovery": args.recovery, "p_frames": args.p_frames,
+                        "measure": measure, "model": sender.get("model")}
     psnrs = [float(e["psnr"]) for e in events if "psnr" in e]
     if psnrs:  # the measured PSNR of the exact frames shown (the receiver's per-second stats, pooled)
         result["psnr_shown_exact"] = round(sum(psnrs) / len(psnrs), 3)
@@ -418,7 +422,8 @@ def two_way(args: argparse.Namespace) -> dict[str, Any]:
                   "--audio", args.audio, *_measure_av(args),
                   "--fps", str(args.fps), "--transport", args.transport, "--lifetime-ms", str(args.lifetime_ms)]
         for flag, value in (("--size", args.size or None), ("--kbps", args.kbps), ("--level", args.level),
-                            ("--recovery", args.recovery), ("--sctp-rto-min", args.rto_min)):
+                            ("--recovery", args.recovery), ("--p-frames", args.p_frames),
+                            ("--sctp-rto-min", args.rto_min)):
             if value is not None:
                 common += [flag, str(value)]
         if args.measure:
@@ -787,6 +792,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--level", type=int, default=None, help="a fixed quantizer level instead of --kbps")
     ap.add_argument("--recovery", choices=("keyframe", "refresh"), default=None,
                     help="the sender's answer to a broken reference (default: its own)")
+    ap.add_argument("--p-frames", choices=("tables", "learned"), default=None,
+                    help="the sender's P-frames (default: its own, tables)")
     ap.add_argument("--weights", default="default")
     ap.add_argument("--backend", choices=CHOICES, default="eager",
                     help="sender and receiver backend (int8 adds ~20 s of start-up compilation)")

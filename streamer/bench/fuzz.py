@@ -148,7 +148,7 @@ def sample_frames(size: int, count: int) -> np.ndarray:
 
 ABSURD = {
     "magic_version": [0, 0xA2, 0xA4, 0x4E, 255], "coding": [0, 1], "frame_type": [0, 1],
-    "bits": [1, 2, 7, 8], "quant_mode": [0, 1, 2, 3], "reserved": [1], "level": [0, 1, 6, 7, 255],
+    "bits": [1, 2, 7, 8], "quant_mode": [0, 1, 2, 3], "conditional": [1], "level": [0, 1, 6, 7, 255],
     "ref_distance": [0, 1, 2, 255], "channels": [0, 1, 23, 25, 1024, 1025, 65535],
     "height": [0, 1, 27, 29, 1024, 1025, 65535], "width": [0, 1, 27, 29, 1024, 1025, 65535],
     "row_start": [1, 27, 28, 1023, 65535], "row_count": [0, 1, 28, 29, 1024, 65535],

@@ -16,7 +16,8 @@ an escape to the tail, residual.py)::
                                reference, range-coded; see residual.py and session.py), bit 6
                                coding (0 raw bit-packed codes, 1 range-coded, entropy.py tables),
                                bits 5-4 quantizer mode (0 fixed range, 1 per-frame per-channel
-                               min/max, 2 step), bits 3-1 bits per code minus 1, bit 0 zero
+                               min/max, 2 step), bits 3-1 bits per code minus 1, bit 0
+                               conditional (1: a learned P-frame, below; else 0)
      2     1     level         step mode: the quantizer level (step size index); else 0
      3     1     ref_distance  inter: the reference is frame `frame_number - ref_distance` (1..255);
                                intra: 0 (no reference)
@@ -29,6 +30,14 @@ an escape to the tail, residual.py)::
                  CRC: raw, exactly ceil(C * row_count * width * bits / 8) bytes of packed codes;
                  range-coded, whole 32-bit words, fewer bytes than raw
     end-4  4     CRC32 of everything before it
+
+A *conditional* packet (bit 0 set) is a whole learned P-frame (streamer/codec/conditional.py):
+an inter, range-coded, step-mode packet of all the frame's rows whose payload is the learned
+coder's range stream, decodable only on the receiver's integer reference of frame
+`frame_number - ref_distance` (the assembler holds it), followed by 4 bytes: the CRC32 of the
+integer reference the frame leaves at the sender (`conditional.reference_crc`), so a receiver
+whose reference is not the sender's finds out before it shows anything. It is one data-channel
+message: its parts could not be decoded apart, so slicing it would buy nothing.
 
 Codes are packed MSB-first in (channel, row, column) order: 6-bit codes take exactly 6 bits.
 The sender range-codes a slice when the model has entropy tables and that is smaller, per slice.
@@ -71,7 +80,7 @@ QUANT_NAMES = {v: k for k, v in QUANT_MODES.items()}
 _HEADER = struct.Struct(">BBBBIIQHHHHH")
 HEADER_BYTES = _HEADER.size  # 30
 # the header's fields by name, as `header_bytes` and `header_fields` take and give them
-HEADER_FIELDS = ("magic_version", "frame_type", "coding", "quant_mode", "bits", "reserved", "level",
+HEADER_FIELDS = ("magic_version", "frame_type", "coding", "quant_mode", "bits", "conditional", "level",
                  "ref_distance", "model_id", "frame_number", "timestamp_us", "channels", "height", "width",
                  "row_start", "row_count")
 CRC_BYTES = 4
@@ -105,6 +114,7 @@ class PacketHeader:
     frame_type: int = FRAME_INTRA
     ref_distance: int = 0  # inter: the reference is frame_number - ref_distance; intra: 0
     version: int = VERSION
+    conditional: bool = False  # a learned P-frame: the payload is the conditional coder's
 
     @property
     def is_whole_frame(self) -> bool:
@@ -122,7 +132,7 @@ def header_bytes(fields: dict[str, int]) -> bytes:
     any header they like."""
     f = {name: 0 for name in HEADER_FIELDS} | fields
     flags = ((f["frame_type"] & 1) << 7 | (f["coding"] & 1) << 6 | (f["quant_mode"] & 3) << 4
-             | ((f["bits"] - 1) & 7) << 1 | (f["reserved"] & 1))
+             | ((f["bits"] - 1) & 7) << 1 | (f["conditional"] & 1))
     return _HEADER.pack(f["magic_version"] & 0xFF, flags, f["level"] & 0xFF, f["ref_distance"] & 0xFF,
                         f["model_id"] & 0xFFFFFFFF, f["frame_number"] & 0xFFFFFFFF,
                         f["timestamp_us"] & 0xFFFFFFFFFFFFFFFF, *(f[k] & 0xFFFF for k in
@@ -141,7 +151,7 @@ def header_fields(data: bytes) -> dict[str, int]:
     (magic_version, flags, level, ref_distance, model_id, frame_number, ts, channels, height, width,
      row_start, row_count) = _HEADER.unpack_from(data)
     return {"magic_version": magic_version, "frame_type": flags >> 7, "coding": flags >> 6 & 1,
-            "quant_mode": flags >> 4 & 3, "bits": (flags >> 1 & 7) + 1, "reserved": flags & 1, "level": level,
+            "quant_mode": flags >> 4 & 3, "bits": (flags >> 1 & 7) + 1, "conditional": flags & 1, "level": level,
             "ref_distance": ref_distance, "model_id": model_id, "frame_number": frame_number, "timestamp_us": ts,
             "channels": channels, "height": height, "width": width, "row_start": row_start, "row_count": row_count}
 
@@ -153,6 +163,8 @@ class Packet:
     lo: np.ndarray | None  # (channels,) float32; None in fixed mode (the model holds the range)
     hi: np.ndarray | None
     residual: np.ndarray | None = None  # inter slice: (channels, row_count, width) int16 residuals
+    conditional: bytes | None = None  # a learned P-frame's range stream (decoded by the assembler)
+    conditional_crc: int = 0  # ... and the CRC of the reference it leaves at the sender
 
 
 # -- bit packing ---------------------------------------------------------------------------
@@ -366,6 +378,31 @@ def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_nu
     return packets
 
 
+def pack_conditional(payload: bytes, model_id: int, frame_number: int, timestamp_us: int,
+                     shape: tuple[int, int, int], bits: int, level: int, ref_frame_number: int,
+                     reference_crc: int) -> bytes:
+    """A learned P-frame (its range stream `payload`, conditional.encode_frame) as one packet:
+    the frame's latent `shape` (C, H, W), its level, the reference it was coded against, and the
+    CRC of the reference it leaves."""
+    channels, height, width = shape
+    distance = frame_number - ref_frame_number
+    if not 1 <= distance <= 255:
+        raise ValueError(f"frame {frame_number} cannot name reference {ref_frame_number}: 1..255 frames back")
+    payload = bytes(payload) + struct.pack(">I", reference_crc & 0xFFFFFFFF)
+    if len(payload) % 4 or len(payload) >= packed_size(channels * height * width, bits):
+        raise ValueError(f"a learned payload is whole words, smaller than raw codes; got {len(payload)} bytes")
+    head = header_bytes({"magic_version": MAGIC_VERSION, "frame_type": FRAME_INTER, "coding": CODING_RANGE,
+                         "quant_mode": QUANT_MODES["step"], "bits": bits, "conditional": 1, "level": level,
+                         "ref_distance": distance, "model_id": model_id, "frame_number": frame_number & 0xFFFFFFFF,
+                         "timestamp_us": timestamp_us, "channels": channels, "height": height, "width": width,
+                         "row_start": 0, "row_count": height})
+    body = head + payload
+    packet = body + struct.pack(">I", zlib.crc32(body))
+    if len(packet) > MAX_PACKET_BYTES:
+        raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_BYTES}")
+    return packet
+
+
 def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None,
            residual_coder: "ResidualCoder | None" = None,
            expect_shape: tuple[int, int, int] | None = None,
@@ -396,8 +433,9 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         raise PacketError(f"not a frame packet (first byte 0x{f['magic_version']:02x}, expected 0x{MAGIC_VERSION:02x})")
     coding, frame_type, bits, qmode, level = f["coding"], f["frame_type"], f["bits"], f["quant_mode"], f["level"]
     channels, height, width, row_start, row_count = (f[k] for k in ("channels", "height", "width", "row_start", "row_count"))
-    if f["reserved"]:
-        raise PacketError("reserved header bit set")
+    conditional = bool(f["conditional"])
+    if conditional and (frame_type != FRAME_INTER or f["row_start"] != 0 or f["row_count"] != f["height"]):
+        raise PacketError("a conditional packet is a whole inter frame (all its rows)")
     if frame_type == FRAME_INTER and (coding != CODING_RANGE or QUANT_NAMES.get(qmode) != "step"):
         raise PacketError("an inter slice is range-coded residuals of a step quantizer")
     if (frame_type == FRAME_INTER) != (f["ref_distance"] > 0):
@@ -438,7 +476,7 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
     header = PacketHeader(model_id=model_id, frame_number=f["frame_number"], timestamp_us=f["timestamp_us"],
                           channels=channels, height=height, width=width, row_start=row_start, row_count=row_count,
                           bits=bits, quant_mode=mode, level=level, coding=coding, frame_type=frame_type,
-                          ref_distance=f["ref_distance"])
+                          ref_distance=f["ref_distance"], conditional=conditional)
     if check_header is not None:
         check_header(header)
     (crc,) = struct.unpack_from(">I", data, len(data) - CRC_BYTES)
@@ -451,6 +489,11 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
         if not (np.isfinite(side).all() and (hi >= lo).all()):
             raise PacketError("side information holds a non-finite or inverted range")
     payload = data[HEADER_BYTES + side_len: HEADER_BYTES + side_len + payload_len]
+    if conditional:  # decoded by the assembler, on its reference (bounded: one frame's work)
+        if payload_len < 4:
+            raise PacketError("a conditional packet ends with its reference's CRC: 4 bytes at least")
+        (ref_crc,) = struct.unpack_from(">I", payload, payload_len - 4)
+        return Packet(header, None, lo, hi, conditional=payload[:-4], conditional_crc=ref_crc)
     if frame_type == FRAME_INTER:
         if residual_coder is None:
             raise PacketError("inter slice, but no residual tables to decode it with (the model's weights have none)")

@@ -192,6 +192,12 @@ class NeuralCodec:
         return bitstream.pack_inter_frame(q, res, self.model_id, frame_number, timestamp_us, max_packet_bytes,
                                           self.residual, ref_frame_number, self.entropy, intra_rows)
 
+    def pack_conditional(self, payload: bytes, frame_number: int, timestamp_us: int, shape: tuple[int, int, int],
+                         level: int, ref_frame_number: int, reference_crc: int) -> bytes:
+        """A learned P-frame's range stream (conditional.encode_frame) as its one packet."""
+        return bitstream.pack_conditional(payload, self.model_id, frame_number, timestamp_us, shape, self.bits,
+                                          level, ref_frame_number, reference_crc)
+
     def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError;
         `bitstream.ForeignPacketError` for a well-formed packet of another model, quantizer or shape).

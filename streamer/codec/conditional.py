@@ -336,6 +336,14 @@ def save(base: str | Path, model: ConditionalCoder, intra_model_id: int, trainin
     return js, st
 
 
+def shipped_for(intra_model_id: int) -> ConditionalCoder | None:
+    """The packaged coder when it was trained for this intra model, else None."""
+    try:
+        return load("default", intra_model_id)
+    except WeightsError:
+        return None
+
+
 def load(name_or_path: str | Path, intra_model_id: int) -> ConditionalCoder:
     """A saved coder (a packaged name such as 'default', or a path to either file), in eval mode.
     WeightsError when the files are missing, malformed, or made for another intra model (its
