@@ -19,7 +19,9 @@ or zero shapes, row ranges, reference distances, bits, levels, modes, codings, v
 with the payload resized to match a claim where that fits a packet), among them the two found
 by hand: a 34-byte range-coded packet claiming 24x1024x1024 latents and a 24,610-byte raw slice
 of an 8192x8192 frame; valid packets with forged frame numbers and timestamps; packets of
-another model and of another frame size; and a legitimate stream interleaved throughout.
+another model and of another frame size; and a legitimate stream interleaved throughout (table-
+based frames, then an I-frame and learned P-frames, whose conditional packets are mutated and
+resealed with the rest, so the assembler's learned decoder meets them on its reference).
 
 Reported: inputs, crashes (with the first few tracebacks' last lines), the slowest input (ms,
 parser + assembler) with its kind, p99 ms, the slowest per stage, and peak memory per input.
@@ -52,8 +54,10 @@ import numpy as np
 
 from ..assembler import FrameAssembler
 from ..codec import NeuralCodec, bitstream
+from ..codec.conditional import shipped_for
 from ..codec.bitstream import CODING_RANGE, CODING_RAW
 from ..errors import PacketError
+from ..session import EncoderSession
 
 KINDS = ("random", "random_header", "mutated_raw", "mutated_range", "truncated", "resealed_raw",
          "resealed_range", "absurd", "forged_number", "foreign", "valid")
@@ -123,6 +127,16 @@ class Corpus:
             packets = codec.pack(q, i, 10 ** 15 + i, SLICE_BYTES)
             self.stream.append(packets)
             self.range += packets + codec.pack(q, i, 10 ** 15 + i)
+        # learned P-frames (one conditional packet each) after an I-frame, when a learned coder fits
+        learned = shipped_for(codec.model_id) if codec.cfg.quantizer.mode == "step" else None
+        if learned is not None:
+            enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES, level=levels[len(levels) // 2], learned=learned)
+            for f in frames:
+                n = len(self.stream)
+                cand = enc.encode(f, n, 10 ** 15 + n)
+                enc.commit(cand)
+                self.stream.append(cand.packets)
+                self.range += cand.packets
         if not self.range:  # a model without entropy tables: its packets are all raw
             self.range = list(self.raw)
         self.range = [p for p in self.range if fields_of(p)["coding"] == CODING_RANGE] or list(self.raw)
@@ -312,7 +326,7 @@ class Fuzzer:
         self.corpus = Corpus(codec, frames)
         self.inputs = Inputs(self.corpus, seed)
         self.clock = Clock()
-        self.asm = FrameAssembler(codec, clock=self.clock)
+        self.asm = FrameAssembler(codec, clock=self.clock, learned=shipped_for(codec.model_id))
         self.times: list[float] = []  # ms per input, parser + assembler
         self.kinds: dict[str, int] = {k: 0 for k in KINDS}
         self.wall: list[float] = []  # the same in wall-clock ms (other processes' load shows here)
