@@ -34,13 +34,12 @@ mean MSE) and MS-SSIM (`training.metrics.ms_ssim`), over all frames of all clips
   control), registered from `streamer.session` when that module provides `EncoderSession` and
   `DecoderSession` with the interface `SessionCoder` expects; otherwise listed under `skipped`.
   `--decision-threshold T` sets the sender's P-frame decision (`streamer.codec.decision`; 0: off).
-- `neural-learned`: the learned conditional P-frames (streamer/codec/conditional.py, the shipped
-  coder in streamer/weights/conditional/) after one I-frame, with the call's rate controller
-  (`LearnedCoder`). It is not in the call yet: its P-frame payloads are framed as the call
-  frames slices (pieces of one SCTP chunk, each behind a header and CRC of the version-4 size),
-  and the rate counts those headers. The receiver checks the CRC of each new reference against
-  the sender's (`reference_mismatches` in the row: recovered by an I-frame; 0 when both ends
-  agree). Skipped, with the reason, when no shipped coder fits the model.
+- `neural-learned`: the same sessions with the learned conditional P-frames (`--p-frames
+  learned`: streamer/codec/conditional.py, the shipped coder in streamer/weights/conditional/):
+  their real packets through the receiver's assembler, which checks the CRC of each new
+  reference against the sender's (`reference_mismatches` in the row, with `p_frames`: frames
+  not decoded on the sender's reference, recovered by the I-frame the receiver asks for; 0
+  when both ends agree). Skipped, with the reason, when no shipped coder fits the model.
 
 BD-rate (Bjontegaard): log-rate as a function of PSNR, interpolated piecewise-cubically (PCHIP,
 monotone; or a cubic fit, `method="cubic"`), the mean difference over the PSNR range both curves
@@ -217,19 +216,24 @@ class SessionCoder:
 
     memo_key = None
 
-    def __init__(self, codec: NeuralCodec, target_kbps: float, fps: float, **session_options) -> None:
-        """session_options: more EncoderSession options (e.g. decision_threshold)."""
+    def __init__(self, codec: NeuralCodec, target_kbps: float, fps: float, learned=None, **session_options) -> None:
+        """learned: the learned conditional coder for the P-frames (`--p-frames learned`);
+        session_options: more EncoderSession options (e.g. decision_threshold)."""
         from streamer.session import DecoderSession, EncoderSession  # type: ignore[import-not-found]
 
+        if learned is not None:
+            session_options = {k: v for k, v in session_options.items() if k != "decision_threshold"}
+            session_options["learned"] = learned
         self.enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES, **session_options)
-        self.dec = DecoderSession(codec)
+        self.dec = DecoderSession(codec, learned=learned)
         self.fps, self.n, self.t = fps, 0, 0  # frames sent, frames offered
         try:
             from streamer.ratecontrol import RateController  # type: ignore[import-not-found]
         except ImportError:
             self.rc = None  # the session's own level
-        else:
-            self.rc = RateController(target_kbps, fps, codec.levels)
+        else:  # (learned P-frames have the finest levels only, as the sender's)
+            levels = codec.levels if learned is None else min(codec.levels, learned.levels)
+            self.rc = RateController(target_kbps, fps, levels)
 
     def encode(self, frame: np.ndarray) -> list[bytes]:
         t = self.t / self.fps
@@ -248,7 +252,15 @@ class SessionCoder:
 
     def decode(self, packets: list[bytes]) -> np.ndarray:
         out = self.dec.decode(packets)
+        if getattr(self.dec, "needs_keyframe", False):  # the receiver's request, as over the meta channel
+            self.enc.request_keyframe(self.dec.assembler.broken_at)
         return getattr(out, "image", out)
+
+    @property
+    def learned_counts(self) -> tuple[int, int]:
+        """(learned P-frames decoded, those not decoded on the sender's reference)."""
+        n = self.dec.assembler.n
+        return n.learned, n.learned_mismatched + n.learned_undecodable
 
 
 def session_status() -> str | None:
@@ -268,109 +280,6 @@ def maybe_register_sessions(log: Callable[[str], None] = print, **session_option
     if why is None:
         register("neural", lambda codec, clip, kbps, fps: SessionCoder(codec, kbps, fps, **session_options))
     return why
-
-
-class LearnedCoder:
-    """The learned conditional P-frames (streamer/codec/conditional.py) as a `VideoCoder`: the
-    first frame an I-frame of the model (its real packets), then P-frames coded against an
-    integer reference that both ends keep, at the level the call's rate controller picks (P-
-    frames at most the coder's coarsest level; it skips a frame when even that is over budget,
-    as the sender does). A P-frame that would cost more than the frame coded alone goes as an
-    I-frame (the I/P decision lives outside the network, as in DCVC-RT).
-
-    The coder is not in the call yet, so its P-frames are framed as the call frames slices: the
-    payload cut into pieces that fit one SCTP chunk, each behind a header and CRC of the
-    version-4 size (`OVERHEAD_BYTES`), which the rate counts. Beside each frame the sender sends
-    the CRC of its new reference (as the call's sender sends its codes' CRC on the side
-    channel, uncounted); the receiver decodes each payload on its own reference and checks that
-    CRC. On a mismatch (or a payload that does not decode) it shows its last good picture and
-    asks for an I-frame, which the sender's next frame is: `mismatches` counts them, and with
-    equal integer networks at both ends there are none."""
-
-    memo_key = None
-    P_MARK = 0x50  # the stand-in header's first byte: a learned P-frame slice (level in the second)
-
-    def __init__(self, codec: NeuralCodec, model, target_kbps: float, fps: float) -> None:
-        from streamer.codec import conditional as cond
-        from streamer.ratecontrol import RateController
-
-        self.codec, self.model, self.cond = codec, model, cond
-        self.coder = cond.gaussian_coder()
-        self.rc = RateController(target_kbps, fps, model.levels)
-        self.fps, self.n, self.t = fps, 0, 0
-        self.sender_ref: torch.Tensor | None = None
-        self.receiver_ref: torch.Tensor | None = None
-        self.picture: np.ndarray | None = None
-        self.sent_crc: int | None = None  # the side channel: the CRC of the sender's new reference
-        self.keyframe_requested = False  # the receiver's request, which the next frame answers
-        self.p_frames = self.mismatches = 0
-
-    def encode(self, frame: np.ndarray) -> list[bytes]:
-        from streamer.codec.bitstream import OVERHEAD_BYTES
-        from streamer.codec.codec import to_tensor
-        from streamer.ratecontrol import FrameType
-
-        t = self.t / self.fps
-        self.t += 1
-        if self.n and self.rc.should_skip_frame():
-            self.rc.frame_dropped(t)  # no packets: the receiver shows its last picture again
-            return []
-        intra = self.sender_ref is None or self.keyframe_requested
-        ftype = FrameType.INTRA if intra else FrameType.INTER
-        level = self.rc.level_for_next_frame(ftype)
-        with torch.inference_mode():
-            y = self.codec.encoder(to_tensor(frame[None]))
-        q = self.codec.quantizer.quantize(y, level)[0]
-        packets = self.codec.pack(q, self.n, int(t * 1e6), SLICE_BYTES)
-        first, _, step = self.codec.quantizer.grid(level)
-        ref = self.cond.intra_reference(q.codes, first, step)
-        if not intra:
-            payload, p_ref = self.cond.encode_frame(self.model, self.coder, y, self.sender_ref, level,
-                                                    self.cond.SENDER_DEADZONE)
-            room = SLICE_BYTES - OVERHEAD_BYTES
-            head = bytes([self.P_MARK, level]) + bytes(OVERHEAD_BYTES - 2)
-            p_packets = [head + payload[i:i + room] for i in range(0, max(len(payload), 1), room)]
-            # the I/P decision: a P-frame dearer than the frame alone (a scene cut) goes intra
-            if sum(map(len, p_packets)) <= sum(map(len, packets)):
-                packets, ref = p_packets, p_ref
-            else:
-                ftype = FrameType.INTRA
-        self.keyframe_requested = self.keyframe_requested and ftype != FrameType.INTRA
-        self.sender_ref, self.sent_crc = ref, self.cond.reference_crc(ref)
-        self.rc.frame_sent(sum(len(p) for p in packets), level, ftype, t=t)
-        self.n += 1
-        return packets
-
-    def decode(self, packets: list[bytes]) -> np.ndarray:
-        from streamer.codec.bitstream import OVERHEAD_BYTES
-
-        if not packets:  # a skipped frame
-            if self.picture is None:
-                raise StreamerError("the first frame was skipped: nothing to show")
-            return self.picture
-        if packets[0][0] == self.P_MARK:
-            self.p_frames += 1
-            payload = b"".join(p[OVERHEAD_BYTES:] for p in packets)
-            try:
-                if self.receiver_ref is None:
-                    raise StreamerError("a P-frame before any I-frame")
-                ref = self.cond.decode_frame(self.model, self.coder, payload, self.receiver_ref, packets[0][1])
-            except StreamerError:
-                ref = None
-        else:
-            slices = sorted((self.codec.unpack(p) for p in packets), key=lambda pk: pk.header.row_start)
-            first, _, step = self.codec.quantizer.grid(slices[0].header.level)
-            ref = self.cond.intra_reference(np.concatenate([pk.codes for pk in slices], axis=1), first, step)
-        if ref is None or self.cond.reference_crc(ref) != self.sent_crc:
-            self.mismatches += 1  # never shown: the last good picture stays, and the sender is asked
-            self.keyframe_requested = True
-            self.receiver_ref = None
-            if self.picture is None:
-                raise StreamerError("the first frame did not decode")
-            return self.picture
-        self.receiver_ref = ref
-        self.picture = self.codec.decode_latents(ref / (1 << self.cond.REF_FRAC))
-        return self.picture
 
 
 def learned_status(codec: NeuralCodec) -> tuple[object | None, str | None]:
@@ -618,10 +527,10 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
     if why:
         skipped["vp8"] = why
     learned, why = learned_status(codec)
-    if why:
-        skipped["neural-learned"] = why
+    if why or session_status():
+        skipped["neural-learned"] = why or session_status()
     else:
-        register("neural-learned", lambda codec, clip, kbps, fps: LearnedCoder(codec, learned, kbps, fps))
+        register("neural-learned", lambda codec, clip, kbps, fps: SessionCoder(codec, kbps, fps, learned))
     names = [c for c in CODEC_ORDER if c in CODERS and c not in skipped and (codecs is None or c in codecs)]
     for name, reason in skipped.items():
         log(f"{name}: skipped: {reason}")
@@ -651,9 +560,8 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
                 if isinstance(coder, NeuralIntraCoder):
                     levels.append(coder.level)
                 runs.append(run(coder, clip))
-                if isinstance(coder, LearnedCoder):
-                    checked[0] += coder.p_frames
-                    checked[1] += coder.mismatches
+                if name == "neural-learned":
+                    checked = [a + b for a, b in zip(checked, coder.learned_counts)]
             row = {"codec": name, "target_kbps": float(target), **summarize(runs)}
             if name == "neural-learned":
                 row["p_frames"], row["reference_mismatches"] = checked
