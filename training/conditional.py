@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--intra-level", type=int, default=2)
     e.add_argument("--anchors", default="x264,vp8", help="comma-separated: x264, vp8 (empty: none)")
     e.add_argument("--kbps", default="100,150,300,500", help="the anchors' targets")
-    e.add_argument("--deadzone", type=float, default=0.0, help="the learned sender's RD decision, in steps")
+    e.add_argument("--deadzone", type=float, default=conditional.SENDER_DEADZONE,
+                   help=f"the learned sender's RD decision, in steps (default {conditional.SENDER_DEADZONE}, the call's)")
     e.add_argument("--tables", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the table-based P-frames")
     e.add_argument("--json", metavar="PATH")

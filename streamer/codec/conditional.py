@@ -63,7 +63,7 @@ SCALES_PER_OCTAVE = 4
 SCALE_COUNT = 48
 SCALES = SCALE_MIN * 2.0 ** (np.arange(SCALE_COUNT) / SCALES_PER_OCTAVE)  # 0.11 ... 380
 K_MAX = 255  # the integers that travel lie in [-K_MAX, K_MAX]
-SENDER_DEADZONE = 0.8  # the sender's RD decision, in steps (measured: docs/results/learned-p-frames.md)
+SENDER_DEADZONE = 0.65  # the sender's RD decision, in steps (measured best of 0.5-1.2: docs/results/learned-p-frames.md)
 HALF_WIDTHS = torch.from_numpy(np.minimum(half_widths(SCALES), K_MAX)).float()  # each table's range
 
 
