@@ -8,6 +8,7 @@ delivery and correctness, not about the speed of a shared CI CPU (the bench meas
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import socket
@@ -300,9 +301,14 @@ def test_a_call_on_learned_p_frames_holds_the_reference_and_recovers_from_an_inj
     I-frame the receiver asks for."""
 
     def corrupt(assembler):
-        ref = assembler._prev.learned_ref if assembler._prev is not None else None
-        if ref is not None:
-            ref[0, 4, 9, 9] += 3
+        # the reference the next frame decodes on, not the frame it came from: that one may still
+        # wait to be shown (and its CRC checked against the sender's), untouched
+        prev = assembler._prev
+        if prev is not None and prev.learned_ref is not None:
+            wrong = copy.copy(prev)
+            wrong.learned_ref = prev.learned_ref.clone()
+            wrong.learned_ref[0, 4, 9, 9] += 3
+            assembler._prev = wrong
         return []
 
     async def main():
