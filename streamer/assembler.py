@@ -29,8 +29,8 @@ the learned coder's range streams against the *integer* reference of the frame t
 decodes a learned P-frame on it, in order, when the reference is good and is the frame the
 packet names, and checks the packet's CRC of the sender's new reference against its own.
 Otherwise (or on a mismatch) the frame is concealed (the last picture: nothing decoded on a
-reference that is not the sender's is shown), and the reference stays broken until an I-frame. The CRC the sender sends beside it (`AssembledFrame.crc`) is then of
-the integer reference.
+reference that is not the sender's is shown), and the reference stays broken until an I-frame.
+The CRC the sender sends beside it (`AssembledFrame.crc`) is then of the integer reference.
 
 Bad packets never raise: corrupt or truncated ones count in `bad_packets`, packets of another
 model, quantizer or latent shape in `foreign`; the call goes on.
@@ -55,7 +55,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ import torch
 from .codec import NeuralCodec
 from .codec.bitstream import ForeignPacketError, Packet
 from .errors import PacketError
+
+if TYPE_CHECKING:
+    from .codec.conditional import ConditionalCoder
 
 # A slice of the next frame normally ends the wait for a frame's lost slices (one channel, no
 # reordering: when frame n+1 starts, n's missing slices are gone). The deadline only covers a
@@ -206,7 +209,7 @@ class FrameAssembler:
     def __init__(self, codec: NeuralCodec, deadline_s: float = DEFAULT_DEADLINE_S,
                  clock: Callable[[], float] = time.monotonic, conceal_on_last: bool = True, *,
                  latent_shape: tuple[int, int, int] | None = None, max_gap: int = MAX_FRAME_GAP,
-                 max_pending: int = MAX_PENDING, learned: "object | None" = None) -> None:
+                 max_pending: int = MAX_PENDING, learned: "ConditionalCoder | None" = None) -> None:
         """latent_shape: the whole frame's latent (C, H, W) this call accepts (default: what the
         codec's model makes for `codec.frame_size`; see `set_frame_size`). learned: the
         conditional coder that decodes learned P-frames (None: they are refused as foreign)."""
@@ -330,12 +333,15 @@ class FrameAssembler:
             return out
         if p.conditional is not None:
             pend.inter = True
-            pend.learned_ref = self._decode_learned(p, pend)
+            pend.learned_ref = self._decode_learned(p)
             if pend.learned_ref is None:  # concealed: the previous picture, and the reference broken
                 self._pending.pop(number)
                 out.append(self._emit(pend))
                 return out
-            pend.codes = self.codec.quantizer.quantize(pend.learned_ref / 256.0, h.level)[0].codes
+            # its codes on its level's grid: what the next frame's prediction and concealment start from
+            from .codec.conditional import REF_FRAC
+
+            pend.codes = self.codec.quantizer.quantize(pend.learned_ref / (1 << REF_FRAC), h.level)[0].codes
         elif p.residual is not None:  # prediction (already in pend.codes) + residual
             sizes = self._sizes(h.level)
             codes = pend.codes[:, rows].astype(np.int16) + p.residual
@@ -373,7 +379,7 @@ class FrameAssembler:
             out.append(self._emit(self._pending.pop(number)))
         return out
 
-    def _decode_learned(self, p: Packet, pend: _Pending) -> torch.Tensor | None:
+    def _decode_learned(self, p: Packet) -> torch.Tensor | None:
         """A learned P-frame's integer reference, decoded on ours; None when we lack the reference
         it names (or it is broken, or the payload does not decode)."""
         from .codec import conditional as cond

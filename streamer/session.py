@@ -30,16 +30,21 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .assembler import AssembledFrame, FrameAssembler, codes_crc
-from .codec import NeuralCodec
+from .codec import NeuralCodec, bitstream
 from .codec.decision import keep_reference, unrounded_codes
 from .codec.quantizer import Quantized
 from .codec.residual import residuals
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .codec.conditional import ConditionalCoder
 
 DEFAULT_KEYFRAME_INTERVAL = 300  # frames (10 s at 30 fps): bounds how long any mismatch can last
 RECOVERIES = ("keyframe", "refresh")
@@ -73,7 +78,7 @@ class Candidate:
     packets: list[bytes]
     encode_ms: float
     refresh_rows: tuple[int, int] | None = None  # the latent rows a refreshing P-frame sends intra
-    learned_ref: "object | None" = None  # learned coding: the integer reference this frame leaves
+    learned_ref: "torch.Tensor | None" = None  # learned coding: the integer reference this frame leaves
 
     @property
     def crc(self) -> int:
@@ -91,7 +96,7 @@ class EncoderSession:
                  keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL, inter: bool | None = None,
                  decision_threshold: float | Sequence[float] | None = DEFAULT_DECISION_THRESHOLD,
                  recovery: str = DEFAULT_RECOVERY, refresh_frames: int = DEFAULT_REFRESH_FRAMES,
-                 learned: "object | None" = None) -> None:
+                 learned: "ConditionalCoder | None" = None) -> None:
         """inter: code P-frames (default: when the model has residual tables).
         decision_threshold: a P-frame keeps the reference's code wherever the latent is within
         this many quantizer steps of it (`codec.decision.keep_reference`); one value for every
@@ -119,7 +124,7 @@ class EncoderSession:
         self.inter = codec.codes_p_frames if inter is None else (inter and codec.codes_p_frames)
         self.reference: Reference | None = None
         self.learned = learned
-        self.learned_ref = None  # learned coding: the integer reference both ends hold
+        self.learned_ref: "torch.Tensor | None" = None  # learned coding: the integer reference both ends hold
         self._gaussian = None
         if learned is not None:
             from .codec.conditional import gaussian_coder
@@ -207,21 +212,37 @@ class EncoderSession:
         if frame_type == FrameType.INTER:
             level = min(level, self.learned.levels - 1)  # the coder's levels are the finest ones
         latents, q = self.codec.encode_with_latents(image, level)
-        packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
-        first, _, step = self.codec.quantizer.grid(level)
-        ref = cond.intra_reference(q.codes, first, step)
         if frame_type == FrameType.INTER:
             assert self.reference is not None and self.learned_ref is not None
             payload, p_ref = cond.encode_frame(self.learned, self._gaussian, torch.from_numpy(latents)[None],
                                                self.learned_ref, level, cond.SENDER_DEADZONE)
             packet = self.codec.pack_conditional(payload, frame_number, timestamp_us, q.codes.shape, level,
                                                  self.reference.frame_number, cond.reference_crc(p_ref))
-            if len(packet) <= sum(map(len, packets)):  # else a scene cut: the I-frame is cheaper
-                packets, ref = [packet], p_ref
-            else:
-                frame_type = FrameType.INTRA
-        return Candidate(frame_number, timestamp_us, frame_type, q, packets, (time.perf_counter() - t0) * 1000,
-                         learned_ref=ref)
+            # the I/P decision: the I-frame is packed (1.6-3 ms) only when it might be smaller
+            if len(packet) > self._intra_bytes_at_least(q):
+                intra = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
+                if len(packet) > sum(map(len, intra)):  # a scene cut: the I-frame is cheaper
+                    return self._learned_intra(q, intra, frame_number, timestamp_us, t0)
+            return Candidate(frame_number, timestamp_us, frame_type, q, [packet], (time.perf_counter() - t0) * 1000,
+                             learned_ref=p_ref)
+        intra = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
+        return self._learned_intra(q, intra, frame_number, timestamp_us, t0)
+
+    def _learned_intra(self, q: Quantized, packets: list[bytes], frame_number: int, timestamp_us: int,
+                       t0: float) -> Candidate:
+        from .codec.conditional import intra_reference
+
+        first, _, step = self.codec.quantizer.grid(q.level)
+        return Candidate(frame_number, timestamp_us, FrameType.INTRA, q, packets, (time.perf_counter() - t0) * 1000,
+                         learned_ref=intra_reference(q.codes, first, step))
+
+    def _intra_bytes_at_least(self, q: Quantized) -> float:
+        """A bound below the bytes of q's I-frame packets: range-coded slices never come out
+        shorter than their ideal code length (the estimate) by more than a word, and raw slices
+        are the raw codes; headers come on top."""
+        raw = bitstream.packed_size(q.codes.size, q.bits)
+        ideal = self.codec.entropy.estimate_bits(q.codes, q.level).sum() / 8 if self.codec.entropy is not None else raw
+        return 0.98 * min(float(ideal), float(raw))
 
     def commit(self, candidate: Candidate) -> None:
         """The candidate was sent: it is the reference now (both ends rebuild the same codes)."""
@@ -271,7 +292,8 @@ class DecoderSession:
     """The receiving end without a network: packets of each frame in order -> its picture.
     The reference lives in the assembler (as in the call); every frame is decoded."""
 
-    def __init__(self, codec: NeuralCodec, frame_size: int | None = None, learned: "object | None" = None) -> None:
+    def __init__(self, codec: NeuralCodec, frame_size: int | None = None,
+                 learned: "ConditionalCoder | None" = None) -> None:
         """learned: the conditional coder, to decode learned P-frames."""
         self.codec = codec
         self.assembler = FrameAssembler(codec, latent_shape=codec.latent_shape(frame_size), learned=learned)

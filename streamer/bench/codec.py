@@ -19,7 +19,7 @@ centre-cropped to the size):
   the model: its P-frame path on the same consecutive frames at the default level, per frame,
   after the intra encoder and before the intra decoder (both timed above): `encode_frame`
   (context, conditional encoder, the two-pass prior, range coding, the next reference) and
-  `decode_frame` (the receiver's half), and its payload's bytes. It is not in the call yet.
+  `decode_frame` (the receiver's half), and its payload's bytes (`--p-frames learned` in a call).
 
 Times are per call (a whole batch), median and 99th percentile over --repeats calls after warm-up
 calls (which also absorb torch.compile / int8 compilation, reported as first_call_s). Beside wall
@@ -219,9 +219,8 @@ def time_learned(codec: NeuralCodec, size: int, repeats: int, count: int = 9) ->
     from ..codec import conditional as cond
     from ..codec.codec import to_tensor
 
-    try:
-        model = cond.load("default", codec.model_id)
-    except WeightsError:
+    model = cond.shipped_for(codec.model_id)
+    if model is None:
         return {}
     level = min(codec.cfg.quantizer.level, model.levels - 1)
     frames = sample_frames(size, None)[:count]

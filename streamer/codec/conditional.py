@@ -369,10 +369,9 @@ def load(name_or_path: str | Path, intra_model_id: int) -> ConditionalCoder:
     if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256 for v in shape):
         raise WeightsError(f"{js}: channels, features and levels must be integers 1..256, got {shape}")
     model = ConditionalCoder([1.0] * shape[2], ConditionalConfig(shape[0], shape[1]))
+    data = read_capped(st, MAX_BYTES)
     try:
-        state = safetensors_load(read_capped(st, MAX_BYTES))
-    except WeightsError:
-        raise
+        state = safetensors_load(data)
     except Exception as e:  # noqa: BLE001 - a damaged file: one line, never a traceback
         raise WeightsError(f"{st}: not a safetensors file ({str(e)[:120]})") from None
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
