@@ -166,9 +166,7 @@ def export(directory: str, out: str, weights: str) -> None:
     if not has_checkpoint(directory):
         raise StreamerError(f"no checkpoint in {directory}: train first")
     codec = NeuralCodec.load(weights)
-    state, _, info = load_checkpoint(directory)
-    model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
-    model.load_state_dict(state)
+    model, info = coder_from_checkpoint(codec, directory)
     training = {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1), "batch": BATCH,
                 "unroll": UNROLL, "lambdas": lambdas(info["levels"]), "seed": info.get("seed"),
                 "intra_weights": weights, "cache": info.get("cache"), "init": info.get("init"),
@@ -179,14 +177,20 @@ def export(directory: str, out: str, weights: str) -> None:
     print(f"exported step {info['step']} to {js} and {st}")
 
 
+def coder_from_checkpoint(codec: NeuralCodec, directory: str) -> tuple[ConditionalCoder, dict]:
+    """(the checkpoint's coder in eval mode, the checkpoint's info)."""
+    state, _, info = load_checkpoint(directory)
+    model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
+    model.load_state_dict(state)
+    return model.eval(), info
+
+
 def load_coder(codec: NeuralCodec, directory: str | None, coder: str | None) -> tuple[ConditionalCoder | None, dict]:
     """The coder to evaluate: the checkpoint in `directory`, else the saved coder `coder`
     (None, {} when neither is given or the directory has no checkpoint)."""
     if directory is not None and has_checkpoint(directory):
-        state, _, info = load_checkpoint(directory)
-        model = ConditionalCoder(codec.cfg.quantizer.steps[:info["levels"]])
-        model.load_state_dict(state)
-        return model.eval(), {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1)}
+        model, info = coder_from_checkpoint(codec, directory)
+        return model, {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1)}
     if coder is not None:
         model = conditional.load(coder, codec.model_id)
         return model, dict(model.info["training"])  # type: ignore[attr-defined]
