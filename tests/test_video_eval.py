@@ -236,6 +236,17 @@ def test_cli_report_rows_and_keys(clip_dir, tmp_path, capsys):
             assert r[key] is not None
         assert r["frames"] == 20 and r["clips"] == 2
     assert sorted({r["target_kbps"] for r in report["results"]}) == [150.0, 400.0]
+    for r in report["results"]:  # per clip, in the order of "clips"; together they are the row
+        assert len(r["per_clip_kbps"]) == len(r["per_clip_psnr"]) == 2
+        assert sum(r["per_clip_kbps"]) / 2 == pytest.approx(r["kbps"], rel=1e-3)  # two clips of 10 frames
+        assert min(r["per_clip_psnr"]) <= r["psnr_mean_of_frames"] <= max(r["per_clip_psnr"]) + 1e-3
+    ceiling = report["ceiling"]
+    assert len(ceiling["per_clip_psnr"]) == 2
+    assert min(ceiling["per_clip_psnr"]) <= ceiling["psnr_mean_of_frames"] <= max(ceiling["per_clip_psnr"]) + 1e-3
+    intra = [r for r in report["sweep"] if r["codec"] == "neural-intra"]
+    assert all(r["psnr_mean_of_frames"] <= ceiling["psnr_mean_of_frames"] + 0.05 for r in intra)  # quantized: below
+    md = (out / "video-rd.md").read_text()
+    assert "| a.mp4 |" in md and "ceiling" in md
     assert report["sweep"] and all(r["codec"] == "neural-intra" for r in report["sweep"])
     for v in (report["bd_rate_vs_x264"], report["bd_rate_vs_vp8"]):
         assert v is None or isinstance(v, float)

@@ -42,7 +42,9 @@ from .checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save
 from .metrics import mse_uint8, psnr_from_mse
 
 FPS = 30
-UNROLL = 3  # P-frames per sample
+UNROLL = 3  # P-frames per sample that the loss sees
+WARMUP = 8  # up to this many P-frames before them, without gradients: references a call has
+            # after a run of P-frames, not only fresh I-frames (a call's chains are 150 long)
 BATCH = 8
 CROP = 14  # latents per side of the decoded crop (112 px)
 MARGIN = 16  # pixels at each edge of the crop the loss leaves out (the decoder sees no context there)
@@ -87,22 +89,27 @@ def load_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- training --------------------------------------------------------------------------------------
-def batch(latents: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, steps: list[float]):
-    """(y (B, K+1, C, H, W), pixels of frames 1..K cropped (B, K, 3, h, w), level (B,), crop origin)."""
+def batch(latents: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, steps: list[float], warmup: int = 0):
+    """(y (B, W+K+1, C, H, W), pixels of the last K frames cropped (B, K, 3, h, w), level (B,),
+    crop origin): an I-frame, W warm-up P-frames, then the K the loss sees."""
     n, t = latents.shape[:2]
-    clip, start = rng.integers(0, n, BATCH), rng.integers(0, t - UNROLL, BATCH)
-    y = torch.from_numpy(np.stack([latents[c, s:s + UNROLL + 1] for c, s in zip(clip, start)]).astype(np.float32))
+    span = warmup + UNROLL + 1
+    clip, start = rng.integers(0, n, BATCH), rng.integers(0, t - span + 1, BATCH)
+    y = torch.from_numpy(np.stack([latents[c, s:s + span] for c, s in zip(clip, start)]).astype(np.float32))
     r, c = rng.integers(0, latents.shape[-1] - CROP + 1, 2)
-    px = np.stack([pixels[i, s + 1:s + UNROLL + 1, r * 8 + MARGIN:(r + CROP) * 8 - MARGIN,
+    px = np.stack([pixels[i, s + span - UNROLL:s + span, r * 8 + MARGIN:(r + CROP) * 8 - MARGIN,
                           c * 8 + MARGIN:(c + CROP) * 8 - MARGIN] for i, s in zip(clip, start)])
     x = torch.from_numpy(px.astype(np.float32) / 255).permute(0, 1, 4, 2, 3)
     level = torch.from_numpy(rng.integers(0, len(steps), BATCH))
     return y, x, level, (int(r), int(c))
 
 
-def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, init: str | None = None) -> None:
+def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, init: str | None = None,
+          deadzone: float = 0.0, warmup: int = 0) -> None:
     """Train to `steps` in all: from the checkpoint in `directory` when there is one, else from
-    a saved coder `init` (its steps count; Adam starts afresh), else from scratch."""
+    a saved coder `init` (its steps count; Adam starts afresh), else from scratch.
+    deadzone: round as the sender does (ConditionalCoder.forward); warmup: up to this many
+    P-frames (a random count per batch) code the reference before the ones the loss sees."""
     codec = NeuralCodec.load(weights)
     decoder = codec.model.decoder.eval().requires_grad_(False)
     intra_steps = codec.cfg.quantizer.steps
@@ -130,12 +137,16 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, i
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = get_lr(step, steps)
-        y, x, level, (r, c) = batch(latents, pixels, rng, intra_steps[:levels])
+        w = int(rng.integers(0, warmup + 1))
+        y, x, level, (r, c) = batch(latents, pixels, rng, intra_steps[:levels], w)
         step_i = torch.tensor(intra_steps)[level][:, None, None, None]
         ref = torch.round(y[:, 0] / step_i) * step_i  # the I-frame's latents
+        with torch.no_grad():
+            for k in range(w):
+                ref, _ = model(y[:, k + 1], ref, level, deadzone)
         loss, rate, mse = 0.0, 0.0, 0.0
         for k in range(UNROLL):
-            ref, bits = model(y[:, k + 1], ref, level)
+            ref, bits = model(y[:, w + k + 1], ref, level, deadzone)
             picture = decoder(ref[:, :, r:r + CROP, c:c + CROP])[:, :, MARGIN:-MARGIN, MARGIN:-MARGIN]
             err = ((picture - x[:, k]) ** 2).mean((1, 2, 3)) * 255 ** 2
             bpp = bits.sum((1, 2, 3)) / (y.shape[-1] * y.shape[-2] * 64)
@@ -155,6 +166,7 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, i
             save_checkpoint(directory, model, opt, {"step": step + 1, "elapsed_s": elapsed + time.time() - t0,
                                                     "weights": weights, "levels": levels, "seed": seed,
                                                     "cache": str(cache_dir), "init": init,
+                                                    "deadzone": deadzone, "warmup": warmup,
                                                     "threads": torch.get_num_threads()})
     print(f"checkpoint in {directory}")
 
@@ -170,6 +182,7 @@ def export(directory: str, out: str, weights: str) -> None:
     training = {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 1), "batch": BATCH,
                 "unroll": UNROLL, "lambdas": lambdas(info["levels"]), "seed": info.get("seed"),
                 "intra_weights": weights, "cache": info.get("cache"), "init": info.get("init"),
+                "deadzone": info.get("deadzone", 0.0), "warmup": info.get("warmup", 0),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                            f"{info.get('threads', '?')} thread(s)",
                 "command": "python -m training.conditional train"}
@@ -347,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dir", required=True)
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--deadzone", type=float, default=0.0,
+                   help="round as the sender does, with this dead zone in steps (0: additive noise)")
+    t.add_argument("--warmup", type=int, default=0,
+                   help=f"up to this many P-frames before the {UNROLL} the loss sees (e.g. {WARMUP})")
     t.add_argument("--init", metavar="CODER", help="start from a saved coder (e.g. default, the shipped "
                    "one) when --dir has no checkpoint")
     x = sub.add_parser("export", help="the checkpoint's coder as shipped weights")
@@ -377,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             cache(args.data, args.out, args.clips, args.frames, args.weights)
         elif args.command == "train":
             torch.manual_seed(args.seed)
-            train(args.cache, args.dir, args.steps, args.weights, args.seed, args.init)
+            train(args.cache, args.dir, args.steps, args.weights, args.seed, args.init, args.deadzone, args.warmup)
         elif args.command == "export":
             export(args.dir, args.out, args.weights)
         else:

@@ -45,6 +45,13 @@ BD-rate (Bjontegaard): log-rate as a function of PSNR, interpolated piecewise-cu
 monotone; or a cubic fit, `method="cubic"`), the mean difference over the PSNR range both curves
 cover, as percent rate: negative = fewer bits than the anchor at the same PSNR.
 
+Every row also has its per-clip rate and PSNR (`per_clip_kbps`, `per_clip_psnr`, in the order
+of `clips`), and the report has the autoencoder's ceiling (`ceiling`): the PSNR of the intra
+decoder on the encoder's latents unquantized, per clip and in all. Every neural row decodes
+through that decoder (P-frames too: they are coded in its latent space), so no rate brings a
+neural codec above it; where an anchor's PSNR is near it, what limits the codec there is the
+autoencoder, not the coding of its latents.
+
 Writes `<out>/video-rd.json`, `video-rd.md` and `video-rd.png` (PSNR and MS-SSIM against kbps).
 """
 
@@ -405,7 +412,27 @@ def summarize(runs: list[ClipRun], fps: float = FPS) -> dict:
     mses = [m for r in runs for m in r.mses]
     return {"kbps": kbps, **summarize_psnr(mses), "ms_ssim": float(np.mean([s for r in runs for s in r.ssims])),
             "frames": frames, "clips": len(runs), "packets_per_frame": sum(r.packets for r in runs) / frames,
-            "kbps_per_clip_min": float(min(per_clip)), "kbps_per_clip_max": float(max(per_clip))}
+            "kbps_per_clip_min": float(min(per_clip)), "kbps_per_clip_max": float(max(per_clip)),
+            "per_clip_kbps": [round(k, 2) for k in per_clip],
+            "per_clip_psnr": [round(summarize_psnr(r.mses)["psnr_mean_of_frames"], 3) for r in runs]}
+
+
+def autoencoder_ceiling(codec: NeuralCodec, clips: list[VideoClip], batch: int = 30) -> dict:
+    """The intra decoder on the encoder's unquantized latents: PSNR (mean of frames) per clip and
+    over all frames, the most any neural row can reach on these clips."""
+    from streamer.codec.codec import to_tensor, to_uint8
+
+    per_clip, mses = [], []
+    with torch.inference_mode():
+        for clip in clips:
+            clip_mses = []
+            for s in range(0, len(clip.frames), batch):
+                frames = clip.frames[s:s + batch]
+                out = to_uint8(codec.model.decoder(codec.encoder(to_tensor(np.stack(frames)))))
+                clip_mses += [mse_uint8(a, b) for a, b in zip(frames, out)]
+            per_clip.append(round(summarize_psnr(clip_mses)["psnr_mean_of_frames"], 3))
+            mses += clip_mses
+    return {"psnr_mean_of_frames": summarize_psnr(mses)["psnr_mean_of_frames"], "per_clip_psnr": per_clip}
 
 
 # -- BD-rate --------------------------------------------------------------------------------------
@@ -588,11 +615,14 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
             log(f"neural-intra level {lv}: {sweep_rows[-1]['kbps']:.1f} kbps, "
                 f"{sweep_rows[-1]['psnr_mean_of_frames']:.2f} dB")
 
+    ceiling = autoencoder_ceiling(codec, clips) if any(n in NEURAL_CODECS for n in names) else None
+    if ceiling:
+        log(f"autoencoder ceiling (unquantized latents): {ceiling['psnr_mean_of_frames']:.2f} dB")
     report = {"command": command, "machine": machine(), "data": str(data_dir), "weights": str(weights),
               "model_id": f"{codec.model_id:08x}", "frame_size": codec.frame_size, "fps": FPS,
               "max_frames_per_clip": max_frames, "ms_ssim_every": ssim_every, "clips": [c.name for c in clips],
               "frames": sum(len(c.frames) for c in clips), "targets_kbps": [float(k) for k in kbps],
-              "codecs": names, "skipped": skipped, "results": rows, "sweep": sweep_rows,
+              "codecs": names, "skipped": skipped, "results": rows, "sweep": sweep_rows, "ceiling": ceiling,
               "decision_threshold": decision_threshold}
     report.update(bd_rates(report))
     report["seconds"] = round(time.time() - t0, 1)
@@ -648,6 +678,7 @@ def markdown(report: dict) -> str:
             note = f"{r['p_frames']} P-frames, {r['reference_mismatches']} reference mismatches"
         lines.append(f"| {r['codec']} | {r['target_kbps']:g} | {r['kbps']:.1f} | {r['rate_error_pct']:+.0f} % | "
                      f"{r['psnr_mean_of_frames']:.2f} | {r['ms_ssim']:.4f} | {note} |")
+    lines += per_clip_table(report)
     if report.get("sweep"):
         lines += ["", "neural-intra at each fixed quantizer level (the curve its BD-rates use):", "",
                   "| level | step | kbps | PSNR mean of frames (dB) | MS-SSIM |", "| ---: | ---: | ---: | ---: | ---: |"]
@@ -664,6 +695,29 @@ def markdown(report: dict) -> str:
     for k, v in report["skipped"].items():
         lines.append(f"- {k}: skipped: {v}")
     return "\n".join(lines)
+
+
+def per_clip_table(report: dict, near_kbps: float = 300) -> list[str]:
+    """Markdown lines: every clip's kbps and PSNR through each codec at the target nearest
+    `near_kbps`, beside the autoencoder's ceiling."""
+    if not report.get("targets_kbps") or not all("per_clip_psnr" in r for r in report["results"]):
+        return []
+    target = min(report["targets_kbps"], key=lambda t: abs(t - near_kbps))
+    rows = [r for r in report["results"] if r["target_kbps"] == target]
+    ceiling = report.get("ceiling")
+    lines = ["", f"Per clip at {target:g} kbps (kbps / PSNR dB)"
+             + (", and the autoencoder's ceiling (unquantized latents, dB):" if ceiling else ":"), "",
+             "| clip | " + " | ".join(r["codec"] for r in rows) + (" | ceiling |" if ceiling else " |"),
+             "| --- |" + " ---: |" * (len(rows) + bool(ceiling))]
+    for i, name in enumerate(report["clips"]):
+        cells = [f"{r['per_clip_kbps'][i]:.0f} / {r['per_clip_psnr'][i]:.2f}" for r in rows]
+        if ceiling:
+            cells.append(f"{ceiling['per_clip_psnr'][i]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if ceiling:
+        lines.append(f"| all | " + " | ".join(f"{r['kbps']:.0f} / {r['psnr_mean_of_frames']:.2f}" for r in rows)
+                     + f" | {ceiling['psnr_mean_of_frames']:.2f} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -701,6 +755,9 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
+    if report.get("ceiling"):
+        axes[0].axhline(report["ceiling"]["psnr_mean_of_frames"], ls=":", color="0.4",
+                        label="autoencoder ceiling (unquantized latents)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{Path(report['data']).name}: {len(report['clips'])} clips, {report['frames']} frames, "
                  f"{report['frame_size']} px at {report['fps']:g} fps; BD-rate {report['bd_rate_codec']} vs x264 "

@@ -202,9 +202,13 @@ class ConditionalCoder(nn.Module):
         return (d + self.encoder(torch.cat([y * 4, d, features], 1))) / (4 * self._step(level))
 
     # -- training ----------------------------------------------------------------------------------
-    def forward(self, y: Tensor, ref: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, y: Tensor, ref: Tensor, level: Tensor, deadzone: float = 0.0) -> tuple[Tensor, Tensor]:
         """Training: y (N, C, H, W) float latents, ref (float latents, any values), level (N,)
-        -> (y_hat float latents, bits of every element). Fake-quantized like the integer path."""
+        -> (y_hat float latents, bits of every element). Fake-quantized like the integer path.
+        deadzone: 0 trains under additive noise (the rate of z + U(-1/2, 1/2)); above 1/2 it
+        rounds as the sender does (`encode`'s dead zone) and counts the bits of the integers
+        it sends, with straight-through gradients, so the networks learn the zeros the
+        sender's decision leaves."""
         x = quantize_activation(ref * 4, CONTEXT_FRAC)
         for layer in self.context:
             x = layer(x)
@@ -221,13 +225,15 @@ class ConditionalCoder(nn.Module):
 
         a = anchors(z.shape, z.device)
         mu1, scale1 = heads(self.prior, self.prior[0](features))
-        update1 = torch.where(a, (mu1 + round_ste(z - mu1)) * step, torch.zeros((), device=z.device))
+        update1 = torch.where(a, (mu1 + _round_ste(z - mu1, deadzone)) * step, torch.zeros((), device=z.device))
         mu2, scale2 = heads(self.prior2, self.prior2[0](torch.cat([quantize_activation(update1 * 4, UPDATE_FRAC),
                                                                     features], 1)))
         mu, scale = torch.where(a, mu1, mu2), torch.where(a, scale1, scale2)
-        noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-        k = mu + round_ste(z - mu)
-        bits = gaussian_bits(noisy - mu, scale)
+        k = mu + _round_ste(z - mu, deadzone)
+        if deadzone > 0.5:
+            bits = gaussian_bits(k - mu, scale)
+        else:
+            bits = gaussian_bits(z + torch.empty_like(z).uniform_(-0.5, 0.5) - mu, scale)
         update = k * step
         x = torch.cat([quantize_activation(update * 4, UPDATE_FRAC), features], 1)
         for layer in self.decoder:
@@ -238,6 +244,11 @@ class ConditionalCoder(nn.Module):
 def _round(r: Tensor, deadzone: float) -> Tensor:
     k = torch.floor(r + 0.5)
     return torch.where(r.abs() <= deadzone, torch.zeros_like(k), k) if deadzone > 0.5 else k
+
+
+def _round_ste(r: Tensor, deadzone: float) -> Tensor:
+    """`_round` with the straight-through gradient (training)."""
+    return r + (_round(r.detach(), deadzone) - r).detach()
 
 
 def clamp_to_tables(k: Tensor, index: Tensor) -> Tensor:
