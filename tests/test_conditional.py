@@ -210,3 +210,19 @@ def test_a_saved_coder_for_another_intra_model_or_damaged_is_refused(tmp_path):
         conditional.load(tmp_path / "c", 7)
     with pytest.raises(WeightsError, match="no conditional coder"):
         conditional.load(tmp_path / "missing", 7)
+
+
+def test_training_with_the_senders_dead_zone_counts_the_bits_of_what_the_sender_sends():
+    """`forward(..., deadzone)` rounds as `encode` does and its rate is the ideal code length of
+    those integers (within 2 %: the float encoder and the means' rounding differ in last bits),
+    with gradients that reach the sender's encoder through the rounding."""
+    model = trained_like(ConditionalCoder(STEPS))
+    y, ref = reference_latents()
+    k, index, _, _ = model.eval().encode(y, ref, 1, deadzone=0.65)
+    sent_bits = float(gaussian_bits(k, torch.from_numpy(SCALES).float()[index.long()]).sum())
+    _, bits = model.train()(y, ref / (1 << REF_FRAC), torch.tensor([1]), deadzone=0.65)
+    assert abs(float(bits.sum()) / sent_bits - 1) < 0.02
+    bits.sum().backward()
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    plain = model.eval().encode(y, ref, 1)[0]
+    assert (k == 0).sum() > (plain == 0).sum()  # the dead zone sends more zeros than rounding

@@ -47,6 +47,16 @@ def test_train_writes_a_checkpoint_and_resumes_from_it(tiny_cache, tmp_path, cap
     assert any(k.startswith("prior2.") for k in state)
 
 
+def test_train_as_the_sender_rounds_after_warm_up_p_frames(tiny_cache, tmp_path):
+    """--deadzone and --warmup (more than 6-frame clips can hold: limited to what they can) train
+    and are recorded with the checkpoint, for its export."""
+    d = tmp_path / "ckpt"
+    assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d), "--steps", "3",
+                   "--deadzone", "0.65", "--warmup", "8"]) == 0
+    _, _, info = load_checkpoint(d)
+    assert info["step"] == 3 and info["deadzone"] == 0.65 and info["warmup"] == 2
+
+
 def test_evaluate_reports_both_coders_and_their_bd_rate(tiny_cache, tmp_path):
     d = tmp_path / "ckpt"
     assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d), "--steps", "1"]) == 0

@@ -132,6 +132,7 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, i
         start, elapsed = int(saved.info["training"].get("steps", 0)), 60.0 * float(saved.info["training"].get("minutes", 0))
         print(f"started from {init} (step {start}, {elapsed / 60:.0f} min trained; a new optimizer)")
     latents, pixels = load_cache(cache_dir)
+    warmup = max(0, min(warmup, latents.shape[1] - UNROLL - 1))  # what the cached clips can hold
     rng = np.random.default_rng(seed + start)
     t0, log = time.time(), []
     for step in range(start, steps):
