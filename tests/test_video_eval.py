@@ -127,6 +127,8 @@ def test_the_learned_sessions_code_learned_p_frames_and_skip_as_the_sender(codec
 
     model, why = V.learned_status(codec)
     assert why is None, why  # the package ships one for its default model
+    missing, why = V.learned_status(codec, "/nonexistent/coder")  # --learned-coder: a candidate's path
+    assert missing is None and "no conditional coder" in why
     frames = [prepare(f, 224) for f in read_frames(SAMPLE_CLIP, 12)]
     coder = V.SessionCoder(codec, 300.0, V.FPS, model)
     for i, f in enumerate(frames):

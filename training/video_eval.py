@@ -289,13 +289,14 @@ def maybe_register_sessions(log: Callable[[str], None] = print, **session_option
     return why
 
 
-def learned_status(codec: NeuralCodec) -> tuple[object | None, str | None]:
-    """(the shipped learned coder, None) when it fits `codec`, else (None, why not)."""
+def learned_status(codec: NeuralCodec, coder: str = "default") -> tuple[object | None, str | None]:
+    """(the learned coder `coder`, the shipped one by default, None) when it fits `codec`, else
+    (None, why not)."""
     from streamer.codec import conditional as cond
     from streamer.errors import WeightsError
 
     try:
-        return cond.load("default", codec.model_id), None
+        return cond.load(coder, codec.model_id), None
     except WeightsError as e:
         return None, str(e)
 
@@ -538,10 +539,13 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
                    max_frames: int = MAX_FRAMES, max_clips: int | None = None, codecs: Sequence[str] | None = None,
                    sweep: bool = True, codec: NeuralCodec | None = None, threads: int = 1, ssim_every: int = 1,
                    log: Callable[[str], None] = print, command: str | None = None,
-                   decision_threshold: float | list[float] | None | str = "default") -> dict:
+                   decision_threshold: float | list[float] | None | str = "default",
+                   learned_coder: str = "default") -> dict:
     """The whole video evaluation; returns the report (see the module docstring).
     decision_threshold: the "neural" sessions' P-frame decision (EncoderSession's
-    decision_threshold: steps, one or one per level; None or 0: off); "default": the session's."""
+    decision_threshold: steps, one or one per level; None or 0: off); "default": the session's.
+    learned_coder: the "neural-learned" sessions' coder (a saved coder's path; "default": the
+    shipped one), to measure a candidate before shipping it."""
     t0 = time.time()
     torch.set_num_threads(threads)
     codec = codec if codec is not None else NeuralCodec.load(weights)
@@ -553,7 +557,7 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
     why = vp8_status()
     if why:
         skipped["vp8"] = why
-    learned, why = learned_status(codec)
+    learned, why = learned_status(codec, learned_coder)
     if why or session_status():
         skipped["neural-learned"] = why or session_status()
     else:
@@ -623,7 +627,7 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
               "max_frames_per_clip": max_frames, "ms_ssim_every": ssim_every, "clips": [c.name for c in clips],
               "frames": sum(len(c.frames) for c in clips), "targets_kbps": [float(k) for k in kbps],
               "codecs": names, "skipped": skipped, "results": rows, "sweep": sweep_rows, "ceiling": ceiling,
-              "decision_threshold": decision_threshold}
+              "decision_threshold": decision_threshold, "learned_coder": learned_coder}
     report.update(bd_rates(report))
     report["seconds"] = round(time.time() - t0, 1)
     return report
@@ -780,6 +784,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--decision-threshold", default="default", metavar="T|T0,T1,...",
                    help="neural: P-frames keep the reference's code where the latent is within T quantizer "
                         "steps of it (one value, or one per level; 0: off; default: the session's)")
+    g.add_argument("--learned-coder", default="default", metavar="PATH",
+                   help="neural-learned: a saved learned coder (training.conditional export --out PATH; "
+                        "default: the shipped one)")
     g.add_argument("--ssim-every", type=int, default=1,
                    help="MS-SSIM on every Nth frame (default 1: all; PSNR is always on every frame)")
 
@@ -825,7 +832,8 @@ def main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], 
         command = "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
         report = evaluate_video(args.data, kbps, args.weights, args.max_frames, args.clips, codecs,
                                 sweep=not args.no_sweep, threads=args.threads, ssim_every=max(1, args.ssim_every),
-                                log=log, command=command, decision_threshold=threshold)
+                                log=log, command=command, decision_threshold=threshold,
+                                learned_coder=args.learned_coder)
     except StreamerError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
