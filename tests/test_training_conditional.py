@@ -92,6 +92,14 @@ def test_export_ships_the_checkpoint_and_init_goes_on_from_it(tiny_cache, tmp_pa
     assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d2), "--steps", "3", "--init", str(out)]) == 0
     assert "started from" in capsys.readouterr().out
     assert load_checkpoint(d2)[2]["step"] == 3
+    # more levels than the saved coder: its levels kept, the new ones start at the intra steps
+    d3 = tmp_path / "ckpt3"
+    assert T.main(["train", "--cache", str(tiny_cache), "--dir", str(d3), "--steps", "4", "--init", str(out),
+                   "--levels", "9"]) == 0
+    state3, _, info3 = load_checkpoint(d3)
+    assert info3["levels"] == 9 and state3["log_step"].shape[0] == 9
+    steps = NeuralCodec.load("default").cfg.quantizer.steps
+    assert torch.allclose(state3["log_step"][8], torch.log(torch.tensor(steps[8])), atol=0.05)  # 2 steps of Adam
     # and the shipped coder is what evaluate measures when there is no checkpoint
     report = tmp_path / "r.json"
     assert T.main(["evaluate", "--cache", str(tiny_cache), "--coder", str(out), "--clips", "1", "--anchors", "",

@@ -49,6 +49,7 @@ BATCH = 8
 CROP = 14  # latents per side of the decoded crop (112 px)
 MARGIN = 16  # pixels at each edge of the crop the loss leaves out (the decoder sees no context there)
 LR, LR_END = 1e-3, 1e-4
+LEVELS = 7  # the intra quantizer's finest levels the coder learns (of 9; `--levels`)
 
 
 def lambdas(levels: int) -> list[float]:
@@ -105,15 +106,17 @@ def batch(latents: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, ste
 
 
 def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, init: str | None = None,
-          deadzone: float = 0.0, warmup: int = 0) -> None:
+          deadzone: float = 0.0, warmup: int = 0, levels: int = LEVELS) -> None:
     """Train to `steps` in all: from the checkpoint in `directory` when there is one, else from
     a saved coder `init` (its steps count; Adam starts afresh), else from scratch.
     deadzone: round as the sender does (ConditionalCoder.forward); warmup: up to this many
-    P-frames (a random count per batch) code the reference before the ones the loss sees."""
+    P-frames (a random count per batch) code the reference before the ones the loss sees.
+    levels: the intra quantizer's finest ones the coder learns (an `init` with fewer gets the
+    others, starting at the intra steps)."""
     codec = NeuralCodec.load(weights)
     decoder = codec.model.decoder.eval().requires_grad_(False)
     intra_steps = codec.cfg.quantizer.steps
-    levels = min(len(intra_steps), 7)  # the two coarsest intra levels are below call quality
+    levels = min(len(intra_steps), levels)
     model = ConditionalCoder(intra_steps[:levels])
     opt = torch.optim.Adam(model.parameters(), LR)
     lam = torch.tensor(lambdas(levels))
@@ -126,9 +129,11 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, i
         print(f"resumed at step {start} ({elapsed / 60:.0f} min trained)")
     elif init is not None:
         saved = conditional.load(init, codec.model_id)
-        if saved.levels != levels:
+        if saved.levels > levels:
             raise StreamerError(f"--init {init} has {saved.levels} levels, this training {levels}")
-        model.load_state_dict(saved.state_dict())
+        state = saved.state_dict()
+        state["log_step"] = torch.cat([state["log_step"], model.log_step.detach()[saved.levels:]])  # new levels
+        model.load_state_dict(state)
         start, elapsed = int(saved.info["training"].get("steps", 0)), 60.0 * float(saved.info["training"].get("minutes", 0))
         print(f"started from {init} (step {start}, {elapsed / 60:.0f} min trained; a new optimizer)")
     latents, pixels = load_cache(cache_dir)
@@ -316,7 +321,7 @@ def evaluate(cache_dir: str, directory: str | None, weights: str, clips: int, in
     for kind in ("tables", "learned"):
         if (kind == "learned" and model is None) or (kind == "tables" and not tables):
             continue
-        for level in range(7 if kind == "tables" else model.levels):
+        for level in range(model.levels if model is not None else 7):  # tables on the learned levels
             bits = db = 0.0
             for i in range(len(latents)):
                 y = np.asarray(latents[i], np.float32)
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dir", required=True)
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--levels", type=int, default=LEVELS,
+                   help=f"the intra quantizer's finest levels to learn (default {LEVELS})")
     t.add_argument("--deadzone", type=float, default=0.0,
                    help="round as the sender does, with this dead zone in steps (0: additive noise)")
     t.add_argument("--warmup", type=int, default=0,
@@ -395,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             cache(args.data, args.out, args.clips, args.frames, args.weights)
         elif args.command == "train":
             torch.manual_seed(args.seed)
-            train(args.cache, args.dir, args.steps, args.weights, args.seed, args.init, args.deadzone, args.warmup)
+            train(args.cache, args.dir, args.steps, args.weights, args.seed, args.init, args.deadzone, args.warmup,
+                  args.levels)
         elif args.command == "export":
             export(args.dir, args.out, args.weights)
         else:
