@@ -287,6 +287,13 @@ def test_bd_rates_of_a_report_pick_the_best_neural_codec_and_the_intra_sweep():
     assert out["bd_rate_vs_intra"] == pytest.approx(-20.0, abs=1e-6)
     assert out["bd_rate_vs_x264"] == pytest.approx(60.0, abs=1e-6)
     assert out["bd_rate_vs_vp8"] is None
+    # a second neural codec with fewer bits is the one the top-level BD-rates are of
+    learned = [{"codec": "neural-learned", "kbps": r["kbps"] * 0.7, "psnr_mean_of_frames": r["psnr_mean_of_frames"]}
+               for r in sweep]
+    both = V.bd_rates({"results": rows + learned, "sweep": sweep})
+    assert both["bd_rate_codec"] == "neural-learned"
+    assert both["bd_rate_vs_x264"] == pytest.approx(40.0, abs=1e-6)
+    assert both["bd_rates"]["neural vs x264"] == pytest.approx(60.0, abs=1e-6)
     only_intra = V.bd_rates({"results": [r for r in rows if r["codec"] != "neural"], "sweep": sweep})
     assert only_intra["bd_rate_codec"] == "neural-intra" and only_intra["bd_rate_vs_intra"] is None
     assert only_intra["bd_rate_vs_x264"] == pytest.approx(100.0, abs=1e-6)
