@@ -80,13 +80,17 @@ def test_requantize_is_the_identity_on_one_level_and_stays_in_the_alphabet(codec
 
 def test_a_level_change_between_frames_still_decodes_exactly(codec, frames):
     s, asm = EncoderSession(codec, max_packet_bytes=SLICE), FrameAssembler(codec)
+    types = []
     for n, level in enumerate([3, 3, 5, 2, 6, 0, 3]):
         cand = s.encode(frames[n], n, n * 33_333, level=level)
         s.commit(cand)
         out = [f for p in cand.packets for f in asm.add(p)]
         assert len(out) == 1 and np.array_equal(out[0].codes, cand.q.codes), (n, level)
         assert out[0].reference_ok and not asm.needs_keyframe
-        assert cand.frame_type == (FrameType.INTRA if n == 0 else FrameType.INTER)
+        types.append(cand.frame_type)
+    # P-frames across the level changes, except where the I-frame is smaller (the I/P decision:
+    # residuals from a coarse level to a much finer one can cost more than the frame alone)
+    assert types[0] == FrameType.INTRA and types[1:4] == [FrameType.INTER] * 3
 
 
 def deliver(asm: FrameAssembler, packets: list[bytes], lose: set[int]) -> list:
@@ -320,3 +324,27 @@ def test_the_offline_decoder_session_shows_what_the_sender_coded(codec, frames):
         enc.commit(cand)
         image = dec.decode(cand.packets)
         assert np.array_equal(image, codec.decode(cand.q)) and not dec.needs_keyframe
+
+
+def test_a_scene_cut_goes_as_the_i_frame_when_that_is_fewer_bytes(codec, frames):
+    """The I/P decision of the table-based P-frames: residuals against another picture cost
+    more than the picture alone, so the cut is an I-frame (and the receiver's new reference);
+    the frames after it are P-frames again."""
+    from streamer.codec.residual import residuals
+
+    other = [np.ascontiguousarray(255 - f[::-1]) for f in frames[2:4]]  # another picture: upside down, inverted
+    s, asm = EncoderSession(codec, max_packet_bytes=SLICE), FrameAssembler(codec)
+    sent = []
+    for n, image in enumerate([frames[0], frames[1], other[0], other[1]]):
+        level = 3
+        if n == 2:  # what the P-frame across the cut would have cost
+            pred = s.reference.codes
+            q = codec.encode(image, level)
+            p_bytes = sum(map(len, codec.pack_inter(q, residuals(q.codes, pred), n, 0, SLICE, n - 1)))
+        cand = s.encode(image, n, n * 33_333, level=level)
+        s.commit(cand)
+        out = [f for p in cand.packets for f in asm.add(p)]
+        assert len(out) == 1 and np.array_equal(out[0].codes, cand.q.codes) and out[0].reference_ok
+        sent.append((cand.frame_type, sum(map(len, cand.packets))))
+    assert [t for t, _ in sent] == [FrameType.INTRA, FrameType.INTER, FrameType.INTRA, FrameType.INTER]
+    assert sent[2][1] < p_bytes
