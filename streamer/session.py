@@ -197,14 +197,11 @@ class EncoderSession:
                 q = nearest = self.codec.encode(image, level)
             packets = self.codec.pack_inter(q, residuals(q.codes, prediction), frame_number, timestamp_us,
                                             self.max_packet_bytes, self.reference.frame_number, refresh)
-            # the I/P decision: across a scene cut the residuals cost more than the I-frame
-            # (measured: 12-14 KB against 3 KB); the I-frame is packed only when it might be smaller
-            p_bytes = sum(map(len, packets))
-            if p_bytes > self._intra_bytes_at_least(nearest):
-                intra = self.codec.pack(nearest, frame_number, timestamp_us, self.max_packet_bytes)
-                if p_bytes > sum(map(len, intra)):
-                    return Candidate(frame_number, timestamp_us, FrameType.INTRA, nearest, intra,
-                                     (time.perf_counter() - t0) * 1000)
+            # across a scene cut the residuals cost more than the I-frame (measured: 12-14 KB against 3 KB)
+            intra = self._intra_if_fewer_bytes(nearest, sum(map(len, packets)), frame_number, timestamp_us)
+            if intra is not None:
+                return Candidate(frame_number, timestamp_us, FrameType.INTRA, nearest, intra,
+                                 (time.perf_counter() - t0) * 1000)
         else:
             q = self.codec.encode(image, level)
             packets = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
@@ -228,11 +225,9 @@ class EncoderSession:
                                                self.learned_ref, level, cond.SENDER_DEADZONE)
             packet = self.codec.pack_conditional(payload, frame_number, timestamp_us, q.codes.shape, level,
                                                  self.reference.frame_number, cond.reference_crc(p_ref))
-            # the I/P decision: the I-frame is packed (1.6-3 ms) only when it might be smaller
-            if len(packet) > self._intra_bytes_at_least(q):
-                intra = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
-                if len(packet) > sum(map(len, intra)):  # a scene cut: the I-frame is cheaper
-                    return self._learned_intra(q, intra, frame_number, timestamp_us, t0)
+            intra = self._intra_if_fewer_bytes(q, len(packet), frame_number, timestamp_us)
+            if intra is not None:  # a scene cut: the I-frame is cheaper
+                return self._learned_intra(q, intra, frame_number, timestamp_us, t0)
             return Candidate(frame_number, timestamp_us, frame_type, q, [packet], (time.perf_counter() - t0) * 1000,
                              learned_ref=p_ref)
         intra = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
@@ -245,6 +240,15 @@ class EncoderSession:
         first, _, step = self.codec.quantizer.grid(q.level)
         return Candidate(frame_number, timestamp_us, FrameType.INTRA, q, packets, (time.perf_counter() - t0) * 1000,
                          learned_ref=intra_reference(q.codes, first, step))
+
+    def _intra_if_fewer_bytes(self, q: Quantized, p_bytes: int, frame_number: int,
+                              timestamp_us: int) -> list[bytes] | None:
+        """The I/P decision: q's I-frame packets when they are fewer bytes than the P-frame's
+        `p_bytes`, else None. The I-frame is packed (1.6-3 ms) only when a bound says it might be."""
+        if p_bytes <= self._intra_bytes_at_least(q):
+            return None
+        intra = self.codec.pack(q, frame_number, timestamp_us, self.max_packet_bytes)
+        return intra if p_bytes > sum(map(len, intra)) else None
 
     def _intra_bytes_at_least(self, q: Quantized) -> float:
         """A bound below the bytes of q's I-frame packets: range-coded slices never come out

@@ -116,6 +116,8 @@ def train(cache_dir: str, directory: str, steps: int, weights: str, seed: int, i
     codec = NeuralCodec.load(weights)
     decoder = codec.model.decoder.eval().requires_grad_(False)
     intra_steps = codec.cfg.quantizer.steps
+    if levels < 1:
+        raise StreamerError(f"--levels {levels}: give 1 to {len(intra_steps)} (the intra quantizer's levels)")
     levels = min(len(intra_steps), levels)
     model = ConditionalCoder(intra_steps[:levels])
     opt = torch.optim.Adam(model.parameters(), LR)

@@ -48,8 +48,8 @@ cover, as percent rate: negative = fewer bits than the anchor at the same PSNR.
 Every row also has its per-clip rate and PSNR (`per_clip_kbps`, `per_clip_psnr`, in the order
 of `clips`), and the report has the autoencoder's ceiling (`ceiling`): the PSNR of the intra
 decoder on the encoder's latents unquantized, per clip and in all. Every neural row decodes
-through that decoder (P-frames too: they are coded in its latent space), so no rate brings a
-neural codec above it; where an anchor's PSNR is near it, what limits the codec there is the
+through that decoder (P-frames too: they are coded in its latent space), so in practice no
+rate brings a neural codec above it (quantizing the latents only adds error); where an anchor's PSNR is near it, what limits the codec there is the
 autoencoder, not the coding of its latents.
 
 Writes `<out>/video-rd.json`, `video-rd.md` and `video-rd.png` (PSNR and MS-SSIM against kbps).
@@ -420,7 +420,7 @@ def summarize(runs: list[ClipRun], fps: float = FPS) -> dict:
 
 def autoencoder_ceiling(codec: NeuralCodec, clips: list[VideoClip], batch: int = 30) -> dict:
     """The intra decoder on the encoder's unquantized latents: PSNR (mean of frames) per clip and
-    over all frames, the most any neural row can reach on these clips."""
+    over all frames: in practice the most any neural row can reach on these clips."""
     from streamer.codec.codec import to_tensor, to_uint8
 
     per_clip, mses = [], []
