@@ -106,6 +106,48 @@ def test_stage2_step_mode_exports_entropy_tables_that_code_packets(tmp_path):
     assert CODING_RANGE in codings, codings
 
 
+def test_keep_init_fine_tunes_the_decoder_and_keeps_codes_and_every_table(tmp_path):
+    """[quantizer] keep_init: stage 2 on shipped step-mode weights trains the decoder only and
+    exports the init's quantizer, intra tables and P-frame residual tables unchanged, so a sender
+    with the new weights sends the codes it sent before; the provenance names the init."""
+    from streamer.codec import NeuralCodec, residual
+    from streamer.codec import weights as W
+
+    step_mode = ["--set", 'quantizer.mode="step"', "--set", "quantizer.bits=8",
+                 "--set", "quantizer.steps=[0.05, 0.1, 0.2]", "--set", "quantizer.level=1"]
+    train(tiny_config(tmp_path / "a", stages=(1, 2), steps1=30, steps2=5) + step_mode)
+    first = NeuralCodec.load(tmp_path / "a" / "run" / "best.json")
+    frames = train_frames_like_the_tiny_config()
+    with torch.inference_mode():
+        y = first.model.encoder(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
+    first.set_residual_counts(residual.fit_levels(first.quantizer, [y]))
+    W.save(tmp_path / "init", first.cfg, first.model)
+    first = NeuralCodec.load(tmp_path / "init.json")
+
+    # a config whose own quantizer says otherwise: keep_init must ignore it
+    train(tiny_config(tmp_path / "b", stages=(2,), steps2=10) + [
+        "--set", 'quantizer.mode="step"', "--set", "quantizer.bits=8", "--set", "quantizer.steps=[0.3, 0.6]",
+        "--set", "quantizer.keep_init=true", "--set", f'init_from="{(tmp_path / "init.json").as_posix()}"'])
+    tuned = NeuralCodec.load(tmp_path / "b" / "run" / "best.json")
+    assert tuned.cfg.quantizer.to_dict() == first.cfg.quantizer.to_dict()
+    assert np.array_equal(tuned.cfg.entropy_counts, first.cfg.entropy_counts)
+    assert np.array_equal(tuned.cfg.residual_counts, first.cfg.residual_counts)
+    a = first.model.state_dict()
+    final, _, _ = load_checkpoint(tmp_path / "b" / "run")  # where training ended (best.json: best by val)
+    for b in (tuned.model.state_dict(), final):
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert any(not torch.equal(a[k], final[k]) for k in a if k.startswith("decoder.") and k.endswith("weight"))
+    for lv in range(3):
+        assert np.array_equal(tuned.encode(frames[1], lv).codes, first.encode(frames[1], lv).codes)
+    assert tuned.cfg.training["decoder_of"]["model_id"] == f"{first.model_id:08x}"
+
+
+def test_keep_init_without_init_from_is_a_config_error(tmp_path):
+    from streamer.errors import ConfigError
+    with pytest.raises(ConfigError, match="keep_init"):
+        train(tiny_config(tmp_path, stages=(2,)) + ["--set", "quantizer.keep_init=true"])
+
+
 def train_frames_like_the_tiny_config() -> np.ndarray:
     from training.train import synthetic_frames
     return synthetic_frames(4, 32, seed=0)

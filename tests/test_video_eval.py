@@ -274,6 +274,20 @@ def test_a_registered_session_coder_gets_rows_and_bd_rates(clip_dir, codec, monk
     assert report["bd_rate_vs_vp8"] is None  # not run
 
 
+def test_session_rows_say_where_the_bits_go(clip_dir, codec):
+    """The call's sessions' rows count their I-frames, P-frames and skipped frames, and the I-frames'
+    share of the bytes; at a starving target frames are skipped, at a generous one none."""
+    report = V.evaluate_video(clip_dir, [20, 5000], max_frames=6, codecs=["neural"], sweep=False,
+                              codec=codec, ssim_every=3, log=lambda s: None)
+    starved, generous = report["results"]
+    for r in (starved, generous):
+        assert r["i_frames"] >= r["clips"]  # each clip starts with one
+        assert r["i_frames"] + r["coded_p_frames"] + r["skipped_frames"] == r["frames"]
+        assert 0 < r["i_frame_bytes_share"] <= 1
+    assert starved["skipped_frames"] > 0 and generous["skipped_frames"] == 0
+    assert generous["coded_p_frames"] > 0 and generous["i_frame_bytes_share"] < 1
+
+
 def test_bd_rates_of_a_report_pick_the_best_neural_codec_and_the_intra_sweep():
     sweep = [{"codec": "neural-intra", "kbps": k, "psnr_mean_of_frames": p} for k, p in
              [(650.0, 33.8), (930.0, 35.7), (1080.0, 36.4), (1310.0, 37.4)]]

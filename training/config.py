@@ -4,7 +4,7 @@ A config is a TOML file whose sections go straight to constructors:
 
     top level    name, seed, threads, frame_size, stages, out_dir, log_dir, export, machine, init_from
     [model]      preset + any field of streamer.codec.ModelConfig     -> get_preset(preset, **rest)
-    [quantizer]  bits, mode, steps, level, coverage, val_levels -> QuantizerConfig
+    [quantizer]  bits, mode, steps, level, coverage, val_levels, keep_init -> QuantizerConfig
     [data]       the fields of DataConfig                              -> DataConfig(**)
     [stage1], [stage2]  the fields of StageConfig                      -> StageConfig(**)
 
@@ -94,7 +94,7 @@ TOP_LEVEL: dict[str, Any] = {
 SECTIONS: dict[str, dict[str, Any]] = {
     "model": {"preset": str, **get_type_hints(ModelConfig)},
     "quantizer": {"bits": int, "mode": str, "steps": list[float], "level": int, "coverage": float,
-                  "val_levels": list[int]},
+                  "val_levels": list[int], "keep_init": bool},
     "data": get_type_hints(DataConfig),
     "stage1": get_type_hints(StageConfig),
     "stage2": get_type_hints(StageConfig),
@@ -304,6 +304,9 @@ def check(cfg: dict[str, Any], at: Origins) -> None:
         raise ConfigError(f"{at('quantizer', 'val_levels')}: [quantizer] val_levels {bad} outside the "
                           f"{len(qcfg.steps)} levels of steps")
 
+    if q.get("keep_init") and (stages != [2] or not cfg.get("init_from")):
+        raise ConfigError(f"{at('quantizer', 'keep_init')}: [quantizer] keep_init fine-tunes the decoder of "
+                          f"init_from's step-mode weights: it needs stages = [2] and init_from")
     dc = DataConfig(**cfg["data"])
     if dc.layout not in ("folder", "voxceleb"):
         raise ConfigError(f"{at('data', 'layout')}: [data] layout must be 'folder' or 'voxceleb', got {dc.layout!r}")

@@ -280,6 +280,8 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                                steps=[float(v) for v in qcfg_base.get("steps", [])],
                                level=int(qcfg_base.get("level", 0)))
     entropy_counts: list[np.ndarray | None] = [None]  # fitted with the range (step mode)
+    residual_counts: list[np.ndarray | None] = [None]  # the P-frame tables: kept from init_from only
+    keep_init = bool(qcfg_base.get("keep_init", False))
     quantizer = Quantizer(QuantizerConfig(bits=bits, mode="bypass"), mcfg.latent_channels)
     net = Autoencoder(model, quantizer).to(device)
 
@@ -308,6 +310,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             preset=preset, model=mcfg, quantizer=QuantizerConfig.from_dict(quantizer.cfg.to_dict()),
             frame_size=int(cfg["frame_size"]),
             entropy_counts=entropy_counts[0] if quantizer.cfg.mode == "step" else None,
+            residual_counts=residual_counts[0],
             training={"command": "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv),
                       "config": str(args.config), "stage": stage, "step": state["step"],
                       "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -315,7 +318,22 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                       "machine": cfg.get("machine", f"{platform.node()} {os.cpu_count()} CPU"
                                          f"{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ', no GPU'}"),
                       "world_size": world, "torch": torch.__version__,
-                      "training_frames": train_cache.num_frames, "val": dict(state["metrics"])})
+                      "training_frames": train_cache.num_frames, "val": dict(state["metrics"]),
+                      **({"decoder_of": init_training[0]} if keep_init else {})})
+
+    init_training: list[dict[str, Any]] = [{}]
+
+    def adopt_init_quantizer() -> None:
+        """keep_init: the quantizer, its range and every table come from init_from unchanged, so
+        the frozen encoder sends the same codes and bitstreams as before; only the decoder learns."""
+        init_cfg, _, init_id = codec_weights.load(cfg["init_from"])
+        if init_cfg.quantizer.mode != "step" or init_cfg.entropy_counts is None:
+            raise ConfigError(f"[quantizer] keep_init: {cfg['init_from']} has no step quantizer with tables")
+        quantizer.cfg = QuantizerConfig.from_dict(init_cfg.quantizer.to_dict())
+        quantizer.lo.copy_(torch.tensor(quantizer.cfg.lo))
+        quantizer.hi.copy_(torch.tensor(quantizer.cfg.hi))
+        entropy_counts[0], residual_counts[0] = init_cfg.entropy_counts, init_cfg.residual_counts
+        init_training[0] = {"weights": str(cfg["init_from"]), "model_id": f"{init_id:08x}", **init_cfg.training}
 
     @torch.no_grad()
     def calibrate() -> None:
@@ -394,17 +412,21 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             for p in net.model.encoder.parameters():
                 p.requires_grad_(False)
             net.model.encoder.eval()
-            if not fresh and quantizer.cfg.mode == "step" and entropy_counts[0] is None:
+            if keep_init and (fresh or entropy_counts[0] is None):
+                adopt_init_quantizer()
+            elif not fresh and quantizer.cfg.mode == "step" and entropy_counts[0] is None:
                 calibrate()  # resumed: the frozen encoder gives the same range and tables again
-            if fresh:
+            elif fresh:
                 calibrate()
+            if fresh:
                 q = validate(net, val_frames, levels=val_levels())
                 state["metrics"]["quantized_before_stage2"] = q
                 state["best_psnr"] = q["psnr"]
                 if master:
                     what = (f"steps {quantizer.cfg.steps} (validated at level {quantizer.cfg.level})"
                             if quantizer.cfg.mode == "step" else f"{bits}-bit fixed range")
-                    print(f"stage 2: calibrated {what}; val PSNR quantized before "
+                    how = "kept init_from's" if keep_init else "calibrated"
+                    print(f"stage 2: {how} {what}; val PSNR quantized before "
                           f"fine-tuning {q['psnr']:.2f} dB", flush=True)
                     writer.add_scalar("val/psnr_quantized_before_stage2", q["psnr"], state["step"])
                     export(out_dir / "best", 2)

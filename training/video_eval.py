@@ -40,6 +40,8 @@ mean MSE) and MS-SSIM (`training.metrics.ms_ssim`), over all frames of all clips
   reference against the sender's (`reference_mismatches` in the row, with `p_frames`: frames
   not decoded on the sender's reference, recovered by the I-frame the receiver asks for; 0
   when both ends agree). Skipped, with the reason, when no shipped coder fits the model.
+  The sessions' rows also say where the bits go: `i_frames`, `coded_p_frames`, `skipped_frames`
+  (the rate controller's, shown as the last picture again) and `i_frame_bytes_share`.
 
 BD-rate (Bjontegaard): log-rate as a function of PSNR, interpolated piecewise-cubically (PCHIP,
 monotone; or a cubic fit, `method="cubic"`), the mean difference over the PSNR range both curves
@@ -234,6 +236,7 @@ class SessionCoder:
         self.enc = EncoderSession(codec, max_packet_bytes=SLICE_BYTES, **session_options)
         self.dec = DecoderSession(codec, learned=learned)
         self.fps, self.n, self.t = fps, 0, 0  # frames sent, frames offered
+        self.frames_by_type, self.bytes_by_type = [0, 0], [0, 0]  # [I, P]: where the bits go
         try:
             from streamer.ratecontrol import RateController  # type: ignore[import-not-found]
         except ImportError:
@@ -252,6 +255,9 @@ class SessionCoder:
         level = None if self.rc is None else self.rc.level_for_next_frame(int(ftype))
         cand = self.enc.encode(frame, self.n, int(t * 1e6), level=level)
         self.enc.commit(cand)
+        kind = 0 if int(cand.frame_type) == 0 else 1
+        self.frames_by_type[kind] += 1
+        self.bytes_by_type[kind] += sum(len(p) for p in cand.packets)
         if self.rc is not None:
             self.rc.frame_sent(sum(len(p) for p in cand.packets), cand.q.level, int(cand.frame_type), t=t)
         self.n += 1
@@ -586,6 +592,7 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
         for target in kbps:
             t1 = time.time()
             runs, levels, checked = [], [], [0, 0]
+            frames_by_type, bytes_by_type = [0, 0], [0, 0]
             for clip in clips:
                 coder = CODERS[name](codec, clip, float(target), FPS)
                 if isinstance(coder, NeuralIntraCoder):
@@ -593,7 +600,14 @@ def evaluate_video(data_dir: str | Path, kbps: Sequence[float] = DEFAULT_KBPS, w
                 runs.append(run(coder, clip))
                 if name == "neural-learned":
                     checked = [a + b for a, b in zip(checked, coder.learned_counts)]
+                if isinstance(coder, SessionCoder):
+                    frames_by_type = [a + b for a, b in zip(frames_by_type, coder.frames_by_type)]
+                    bytes_by_type = [a + b for a, b in zip(bytes_by_type, coder.bytes_by_type)]
             row = {"codec": name, "target_kbps": float(target), **summarize(runs)}
+            if sum(frames_by_type):  # the call's sessions: I-frames, P-frames, frames skipped
+                row["i_frames"], row["coded_p_frames"] = frames_by_type
+                row["skipped_frames"] = row["frames"] - sum(frames_by_type)
+                row["i_frame_bytes_share"] = round(bytes_by_type[0] / max(1, sum(bytes_by_type)), 4)
             if name == "neural-learned":
                 row["p_frames"], row["reference_mismatches"] = checked
             row["rate_error_pct"] = (row["kbps"] / float(target) - 1) * 100
