@@ -216,10 +216,12 @@ class FrameAssembler:
         self.codec = codec
         self.learned = learned
         self._gaussian = None
+        self._learned_id: int | None = None  # learned P-frames of another coder are foreign
         if learned is not None:
-            from .codec.conditional import gaussian_coder
+            from .codec.conditional import coder_id, gaussian_coder
 
             self._gaussian = gaussian_coder()
+            self._learned_id = coder_id(learned, codec.model_id)
         self.deadline_s = deadline_s  # the least; `current_deadline_s` adapts above it
         self._gaps: deque[float] = deque(maxlen=SPREAD_WINDOW)  # widest gap between a frame's slices, s
         self._given_up: OrderedDict[int, float] = OrderedDict()  # frame -> its last slice's arrival
@@ -275,7 +277,7 @@ class FrameAssembler:
         self.n.packets += 1
         self.n.bytes += len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
         try:
-            p = self.codec.unpack(data, expect_shape=self._shape)
+            p = self.codec.unpack(data, expect_shape=self._shape, learned_id=self._learned_id)
         except ForeignPacketError as e:  # intact, but another model, quantizer or latent shape
             self.n.foreign += 1
             self.n.last_error = str(e)
@@ -287,11 +289,6 @@ class FrameAssembler:
         except Exception as e:  # noqa: BLE001 - a decoder bug on hostile input must not end the call
             self.n.bad_packets += 1
             self.n.last_error = f"{type(e).__name__}: {e}"
-            return []
-        if p.conditional is not None and self.learned is None:
-            self.n.foreign += 1
-            self.n.last_error = ("a learned P-frame, but this receiver has no learned coder for its model "
-                                 "(streamer/weights/conditional/)")
             return []
         return self._add_packet(p, now)
 

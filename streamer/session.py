@@ -128,10 +128,12 @@ class EncoderSession:
         self.learned = learned
         self.learned_ref: "torch.Tensor | None" = None  # learned coding: the integer reference both ends hold
         self._gaussian = None
+        self._learned_id = 0  # what names the learned coder in its packets
         if learned is not None:
-            from .codec.conditional import gaussian_coder
+            from .codec.conditional import coder_id, gaussian_coder
 
             self._gaussian = gaussian_coder()
+            self._learned_id = coder_id(learned, codec.model_id)
         self._keyframe_requested = False
         self._since_keyframe = 0
         self.frames = {FrameType.INTRA: 0, FrameType.INTER: 0}  # committed frames of each type
@@ -223,8 +225,9 @@ class EncoderSession:
             assert self.reference is not None and self.learned_ref is not None
             payload, p_ref = cond.encode_frame(self.learned, self._gaussian, torch.from_numpy(latents)[None],
                                                self.learned_ref, level, cond.SENDER_DEADZONE)
-            packet = self.codec.pack_conditional(payload, frame_number, timestamp_us, q.codes.shape, level,
-                                                 self.reference.frame_number, cond.reference_crc(p_ref))
+            packet = self.codec.pack_conditional(payload, self._learned_id, frame_number, timestamp_us,
+                                                 q.codes.shape, level, self.reference.frame_number,
+                                                 cond.reference_crc(p_ref))
             intra = self._intra_if_fewer_bytes(q, len(packet), frame_number, timestamp_us)
             if intra is not None:  # a scene cut: the I-frame is cheaper
                 return self._learned_intra(q, intra, frame_number, timestamp_us, t0)

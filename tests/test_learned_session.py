@@ -123,3 +123,27 @@ def test_a_receiver_without_the_learned_coder_refuses_learned_frames_as_foreign(
     dec.decode(send(enc, frames[0], 0).packets)
     dec.decode(send(enc, frames[1], 1).packets)
     assert dec.assembler.n.foreign == 1 and "learned" in dec.assembler.n.last_error
+
+
+def test_a_receiver_with_another_learned_coder_refuses_its_frames_by_their_header(codec, learned, frames):
+    import copy
+
+    import torch
+
+    from streamer.codec.conditional import coder_id
+
+    other = copy.deepcopy(learned)
+    with torch.no_grad():
+        other.decoder[0].conv.weight[0, 0, 0, 0] += 0.5  # another release's weights
+    assert coder_id(other, codec.model_id) != coder_id(learned, codec.model_id)
+    assert coder_id(learned, codec.model_id) == coder_id(copy.deepcopy(learned), codec.model_id)
+    assert coder_id(learned, codec.model_id) != codec.model_id
+    enc = EncoderSession(codec, level=3, learned=learned)
+    dec = DecoderSession(codec, learned=other)
+    dec.decode(send(enc, frames[0], 0).packets)  # the I-frame is the intra model's: it decodes
+    assert dec.last.frame_number == 0 and dec.last.complete
+    dec.decode(send(enc, frames[1], 1).packets)
+    n = dec.assembler.n
+    assert n.foreign == 1 and n.learned == 0 and n.learned_mismatched == 0  # refused before any decoding
+    assert f"{coder_id(learned, codec.model_id):08x}" in n.last_error
+    assert f"{coder_id(other, codec.model_id):08x}" in n.last_error

@@ -3,7 +3,7 @@
 Feeds --inputs messages, as a peer could send them on the latent data channel, to the receiver's
 two stages, with the shipped model (its shape for its own frame size is the call's shape):
 
-* parser: `codec.unpack(data, expect_shape=...)`, what `FrameAssembler.add` runs per packet;
+* parser: `codec.unpack(data, expect_shape=..., learned_id=...)`, what `FrameAssembler.add` runs per packet;
   anything but a `PacketError` out of it is a crash;
 * assembler: one `FrameAssembler` for the whole run (its state carries over, as in a call
   under attack): `add(data)`, and `poll()` every 10th input on a clock that moves 1 ms per
@@ -54,7 +54,7 @@ import numpy as np
 
 from ..assembler import FrameAssembler
 from ..codec import NeuralCodec, bitstream
-from ..codec.conditional import shipped_for
+from ..codec.conditional import coder_id, shipped_for
 from ..codec.bitstream import CODING_RANGE, CODING_RAW
 from ..errors import PacketError
 from ..session import EncoderSession
@@ -326,7 +326,9 @@ class Fuzzer:
         self.corpus = Corpus(codec, frames)
         self.inputs = Inputs(self.corpus, seed)
         self.clock = Clock()
-        self.asm = FrameAssembler(codec, clock=self.clock, learned=shipped_for(codec.model_id))
+        learned = shipped_for(codec.model_id)
+        self.asm = FrameAssembler(codec, clock=self.clock, learned=learned)
+        self.learned_id = None if learned is None else coder_id(learned, codec.model_id)
         self.times: list[float] = []  # ms per input, parser + assembler
         self.kinds: dict[str, int] = {k: 0 for k in KINDS}
         self.wall: list[float] = []  # the same in wall-clock ms (other processes' load shows here)
@@ -345,7 +347,7 @@ class Fuzzer:
 
     def _parse(self, kind: str, data: bytes) -> None:
         try:
-            self.codec.unpack(data, expect_shape=self.shape)
+            self.codec.unpack(data, expect_shape=self.shape, learned_id=self.learned_id)
         except PacketError:
             pass
         except Exception as e:  # noqa: BLE001 - that is what we are looking for

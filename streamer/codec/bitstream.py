@@ -21,7 +21,9 @@ an escape to the tail, residual.py)::
      2     1     level         step mode: the quantizer level (step size index); else 0
      3     1     ref_distance  inter: the reference is frame `frame_number - ref_distance` (1..255);
                                intra: 0 (no reference)
-     4     4     model_id      CRC32 of the model's config and weights (see weights.py)
+     4     4     model_id      CRC32 of the model's config and weights (see weights.py); in a
+                               conditional packet, the learned coder's id (conditional.coder_id:
+                               the intra model's id and the coder's weights)
      8     4     frame_number
     12     8     timestamp_us  sender's capture time, microseconds since the epoch
     20     2x3   channels, height, width   the whole frame's latent shape
@@ -378,12 +380,13 @@ def pack_inter_frame(q: Quantized, residual: np.ndarray, model_id: int, frame_nu
     return packets
 
 
-def pack_conditional(payload: bytes, model_id: int, frame_number: int, timestamp_us: int,
+def pack_conditional(payload: bytes, coder_id: int, frame_number: int, timestamp_us: int,
                      shape: tuple[int, int, int], bits: int, level: int, ref_frame_number: int,
                      reference_crc: int) -> bytes:
     """A learned P-frame (its range stream `payload`, conditional.encode_frame) as one packet:
-    the frame's latent `shape` (C, H, W), its level, the reference it was coded against, and the
-    CRC of the reference it leaves."""
+    the learned coder's id (`conditional.coder_id`, in the model_id field), the frame's latent
+    `shape` (C, H, W), its level, the reference it was coded against, and the CRC of the
+    reference it leaves."""
     channels, height, width = shape
     distance = frame_number - ref_frame_number
     if not 1 <= distance <= 255:
@@ -393,7 +396,7 @@ def pack_conditional(payload: bytes, model_id: int, frame_number: int, timestamp
         raise ValueError(f"a learned payload is whole words, smaller than raw codes; got {len(payload)} bytes")
     head = header_bytes({"magic_version": MAGIC_VERSION, "frame_type": FRAME_INTER, "coding": CODING_RANGE,
                          "quant_mode": QUANT_MODES["step"], "bits": bits, "conditional": 1, "level": level,
-                         "ref_distance": distance, "model_id": model_id, "frame_number": frame_number & 0xFFFFFFFF,
+                         "ref_distance": distance, "model_id": coder_id, "frame_number": frame_number & 0xFFFFFFFF,
                          "timestamp_us": timestamp_us, "channels": channels, "height": height, "width": width,
                          "row_start": 0, "row_count": height})
     body = head + payload
@@ -406,14 +409,16 @@ def pack_conditional(payload: bytes, model_id: int, frame_number: int, timestamp
 def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder | None = None,
            residual_coder: "ResidualCoder | None" = None,
            expect_shape: tuple[int, int, int] | None = None,
-           check_header: Callable[[PacketHeader], None] | None = None) -> Packet:
+           check_header: Callable[[PacketHeader], None] | None = None,
+           expect_learned_id: int | None = None) -> Packet:
     """Parse one packet strictly. Every malformed input raises `PacketError` with the reason.
     Range-coded packets need the model's `coder` (`NeuralCodec.unpack` passes it).
 
     Work and memory are bounded by the packet's own bytes, never by what its header claims:
     the framing (fields, ranges, lengths) is checked first; then, from the header alone,
-    `expect_model_id`, `expect_shape` (the whole frame's latent (C, H, W) the receiver's call
-    makes) and `check_header` (more expectations: it raises `ForeignPacketError` for a packet
+    `expect_model_id` (of a conditional packet: `expect_learned_id`, the receiver's learned
+    coder; with an `expect_model_id` and no learned coder, every conditional packet is foreign),
+    `expect_shape` (the whole frame's latent (C, H, W) the receiver's call makes) and `check_header` (more expectations: it raises `ForeignPacketError` for a packet
     that is not for this decoder); then the CRC; only a packet that passes them all is decoded. A range-coded payload must be long enough for
     the codes it claims (`EntropyCoder.max_codes`), so not even a valid-CRC header with an
     absurd shape reaches the range decoder."""
@@ -467,7 +472,14 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
                           f"the {packed_size(count, bits)} bytes of raw codes")
     # is it for this decoder? (from the header alone: nothing of the payload is read before this)
     model_id = f["model_id"]
-    if expect_model_id is not None and model_id != expect_model_id:
+    if conditional and expect_model_id is not None:
+        if expect_learned_id is None:
+            raise ForeignPacketError("a learned P-frame, but this receiver has no learned coder for its model "
+                                     "(streamer/weights/conditional/)")
+        if model_id != expect_learned_id:
+            raise ForeignPacketError(f"a learned P-frame of learned coder {model_id:08x}; this receiver's learned "
+                                     f"coder is {expect_learned_id:08x} (another release's streamer/weights/conditional/)")
+    elif expect_model_id is not None and model_id != expect_model_id:
         raise ForeignPacketError(f"packet from model {model_id:08x}, this decoder runs model {expect_model_id:08x}")
     if expect_shape is not None and (channels, height, width) != tuple(expect_shape):
         c, h, w = expect_shape

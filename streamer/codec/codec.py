@@ -192,20 +192,24 @@ class NeuralCodec:
         return bitstream.pack_inter_frame(q, res, self.model_id, frame_number, timestamp_us, max_packet_bytes,
                                           self.residual, ref_frame_number, self.entropy, intra_rows)
 
-    def pack_conditional(self, payload: bytes, frame_number: int, timestamp_us: int, shape: tuple[int, int, int],
-                         level: int, ref_frame_number: int, reference_crc: int) -> bytes:
-        """A learned P-frame's range stream (conditional.encode_frame) as its one packet."""
-        return bitstream.pack_conditional(payload, self.model_id, frame_number, timestamp_us, shape, self.bits,
+    def pack_conditional(self, payload: bytes, coder_id: int, frame_number: int, timestamp_us: int,
+                         shape: tuple[int, int, int], level: int, ref_frame_number: int, reference_crc: int) -> bytes:
+        """A learned P-frame's range stream (conditional.encode_frame) as its one packet, named by
+        the learned coder's id (`conditional.coder_id`)."""
+        return bitstream.pack_conditional(payload, coder_id, frame_number, timestamp_us, shape, self.bits,
                                           level, ref_frame_number, reference_crc)
 
-    def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None) -> bitstream.Packet:
+    def unpack(self, data: bytes, expect_shape: tuple[int, int, int] | None = None,
+               learned_id: int | None = None) -> bitstream.Packet:
         """Parse a packet and check it belongs to this model and quantizer (else PacketError;
         `bitstream.ForeignPacketError` for a well-formed packet of another model, quantizer or shape).
         expect_shape: the whole frame's latent (C, H, W) the call makes (`latent_shape`): a
-        receiver passes it so a packet claiming another shape is refused before any decoding."""
+        receiver passes it so a packet claiming another shape is refused before any decoding.
+        learned_id: the receiver's learned coder (`conditional.coder_id`); learned P-frames of
+        another coder, or any when None, are foreign."""
         return bitstream.unpack(data, expect_model_id=self.model_id, coder=self.entropy,
                                 residual_coder=self.residual, expect_shape=expect_shape,
-                                check_header=self._check_header)
+                                check_header=self._check_header, expect_learned_id=learned_id)
 
     def _check_header(self, h: bitstream.PacketHeader) -> None:
         """This model's quantizer made the packet (checked before its payload is decoded)."""

@@ -272,6 +272,19 @@ def reference_crc(ref: Tensor) -> int:
     return zlib.crc32(ref.to(torch.int32).contiguous().numpy().tobytes())
 
 
+def coder_id(model: ConditionalCoder, intra_model_id: int) -> int:
+    """The id a learned P-frame's packet carries in its model_id field: CRC32 of the intra
+    model's id, the coder's shape and its tensors. A receiver holding another coder (another
+    release's weights) refuses such a frame by its header, with a message naming both ids,
+    where decoding it would only fail the reference CRC, frame after frame."""
+    crc = zlib.crc32(f"{intra_model_id & 0xFFFFFFFF:08x} {model.cfg.channels} {model.cfg.features} "
+                     f"{model.levels}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes(), crc)
+    return crc ^ 1 if crc == intra_model_id else crc  # never the intra model's own id
+
+
 def gaussian_coder() -> GaussianCoder:
     return GaussianCoder(frequencies(SCALES, K_MAX))
 
