@@ -410,8 +410,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec: NeuralCodec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
                                         args.backend_cache)
     codec.quantizer.check_level(args.level)
-    if args.p_frames == "learned":
-        learned_coder(codec)  # none for this model: say so before joining the room
+    # none for this model: say so before joining the room
+    learned = learned_coder(codec) if args.p_frames == "learned" else None
     size = cli.check_frame_size(codec, args.size)
     source: FrameSource = open_source(args.source, size, args.fps, quiet=args.quiet)
     try:
@@ -446,7 +446,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     tx = Sender(codec, source, sig, cfg, ice_addresses=ice, stun=args.stun, measure=args.measure, quiet=True,
                 share_original=True,
                 level=args.level, keyframe_interval=args.keyframe_interval, kbps=args.kbps or None,
-                recovery=args.recovery, audio=audio, p_frames=args.p_frames)
+                recovery=args.recovery, audio=audio, learned=learned)
     rx = Receiver(codec, sig, ice_addresses=ice, stun=args.stun, recorder=recorder, fps=args.fps,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=True,
                   frame_size=size, audio=open_sink("call", args, recorder))

@@ -20,7 +20,7 @@ import contextlib
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES, Ca
 from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
+
+if TYPE_CHECKING:
+    from .codec.conditional import ConditionalCoder
 
 STARTED = time.monotonic()
 DEFAULT_KBPS = 300.0  # a video call's rate (x264 and VP8 reach ~38 dB there on val)
@@ -64,7 +67,9 @@ class Sender:
                  share_original: bool = False, loss: float = 0.0, loss_seconds: float = 0.0,
                  quiet: bool = False, level: int | None = None, keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
                  inter: bool = True, kbps: float | None = None, recovery: str = DEFAULT_RECOVERY,
-                 audio: AudioSource | None = None, p_frames: str = "tables") -> None:
+                 audio: AudioSource | None = None, learned: "ConditionalCoder | None" = None) -> None:
+        """learned: the learned P-frame coder (`learned_coder`, --p-frames learned); None: the
+        table-based P-frames."""
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         self.audio = audio  # our sound: one audio track per call, on the same peer connection
         self.audio_track: Any = None
@@ -72,7 +77,6 @@ class Sender:
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
         # the call's reference frame and the I/P decision (one per call: reset on a new one)
-        learned = learned_coder(codec) if p_frames == "learned" else None
         self.session = EncoderSession(codec, max_packet_bytes=cfg.max_packet_bytes, level=self.level,
                                       keyframe_interval=keyframe_interval, inter=inter, recovery=recovery,
                                       learned=learned)
@@ -478,8 +482,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
     codec = cli.load_codec(args.weights, args.backend, args.threads, args.backend_precision,
                            args.backend_cache)
     codec.quantizer.check_level(args.level)  # a bad --level: say so before joining the room
-    if args.p_frames == "learned":
-        learned_coder(codec)  # none for this model: say so before joining the room
+    # none for this model: say so before joining the room
+    learned = learned_coder(codec) if args.p_frames == "learned" else None
     size = cli.check_frame_size(codec, args.size)
     source = open_source(args.source, size, args.fps, quiet=args.quiet)
     try:
@@ -501,7 +505,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
                 share_original=args.share_original, loss=args.simulate_loss, loss_seconds=args.loss_seconds,
                 quiet=args.quiet, level=args.level, keyframe_interval=args.keyframe_interval,
                 inter=not args.intra_only, kbps=args.kbps or None, recovery=args.recovery, audio=audio,
-                p_frames=args.p_frames)
+                learned=learned)
     if on_start is not None:
         on_start(tx)
     if args.seconds:
