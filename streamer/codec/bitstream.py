@@ -418,8 +418,9 @@ def unpack(data: bytes, expect_model_id: int | None = None, coder: EntropyCoder 
     the framing (fields, ranges, lengths) is checked first; then, from the header alone,
     `expect_model_id` (of a conditional packet: `expect_learned_id`, the receiver's learned
     coder; with an `expect_model_id` and no learned coder, every conditional packet is foreign),
-    `expect_shape` (the whole frame's latent (C, H, W) the receiver's call makes) and `check_header` (more expectations: it raises `ForeignPacketError` for a packet
-    that is not for this decoder); then the CRC; only a packet that passes them all is decoded. A range-coded payload must be long enough for
+    `expect_shape` (the whole frame's latent (C, H, W) the receiver's call makes) and
+    `check_header` (more expectations: it raises `ForeignPacketError` for a packet that is not
+    for this decoder); then the CRC; only a packet that passes them all is decoded. A range-coded payload must be long enough for
     the codes it claims (`EntropyCoder.max_codes`), so not even a valid-CRC header with an
     absurd shape reaches the range decoder."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
