@@ -4,7 +4,8 @@
 // * a viewer (the viewers' or camera link): watches. It draws the decoded picture (kind 1) and,
 //   frame-aligned next to it, the original (kind 2), shows the call's stats, a connection-quality
 //   indicator and a chart; the camera link may also feed a one-way sender's --source browser
-//   (kind 3) and change its bitrate target.
+//   (its camera, kind 3, and, when that sender's sound is the page's, its microphone, kind 4)
+//   and change its bitrate target.
 // * a caller's own page (role=face, the link `streamer.call` prints): the call's face. The other
 //   person large, yourself small; hang up, mute microphone / camera, the bitrate of your own
 //   sender, full screen. It steers that one program only; with `--source browser` its camera
@@ -509,6 +510,7 @@ function onStats(msg) {
     const tx = isCaller ? (stats.send || {}) : stats;
     state.stats.sender = tx;
     state.view.sender = normalize("sender", tx);
+    startViewerMic();  // (only when our camera feeds this sender and its sound is ours)
     state.otherCameraMuted = isCaller && tx.camera_muted === true;
     if (face) state.view.theirRecv = normalize("theirRecv", receivePart(stats));
     if (face || isCaller) {
@@ -778,6 +780,23 @@ async function startCamera() {
   $("camera").textContent = "Stop my camera";
   $("camera").setAttribute("aria-pressed", "true");
   $("camera-note").textContent = "Your camera feeds the call's sender.";
+  startViewerMic();
+}
+
+// The camera link's page sends its microphone too when the sender's sound is the page's
+// (`streamer.send --source browser`, its --audio auto): the sender's stats say so.
+let micStarting = false;
+
+async function startViewerMic() {
+  if (face || !cameraStream || micStream || micStarting || state.stats.sender?.audio !== "browser") return;
+  micStarting = true;
+  try {
+    await startMicrophone();
+  } finally {
+    micStarting = false;
+  }
+  if (!cameraStream) stopMicrophone();  // the camera stopped meanwhile
+  else if (micStream) $("camera-note").textContent = "Your camera and microphone feed the call's sender.";
 }
 
 function stopCamera(tellServer = true) {
@@ -788,6 +807,7 @@ function stopCamera(tellServer = true) {
   $("preview").hidden = true;
   $("preview").srcObject = null;
   if (tellServer && !face) send({ type: "camera", on: false });
+  if (!face) stopMicrophone();
   $("camera").textContent = "Send my camera";
   $("camera").setAttribute("aria-pressed", "false");
   $("camera-note").textContent = "";
@@ -874,12 +894,16 @@ function sendPcm(samples) {
   state.pcmSent++;
 }
 
-function stopMedia() {
-  stopCamera(false);
+function stopMicrophone() {
   micStream?.getTracks().forEach((t) => t.stop());
   micStream = null;
   audioContext?.close().catch(() => {});
   audioContext = null;
+}
+
+function stopMedia() {
+  stopCamera(false);
+  stopMicrophone();
 }
 
 // ---- start ------------------------------------------------------------------------------

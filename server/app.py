@@ -532,7 +532,18 @@ class CallServer:
             if (sender := room.by_role("sender")) is not None:
                 sender.outbox.put_latest(str(kind), message)
         elif kind == P.KIND_AUDIO and peer.role == "viewer":
-            self._error_once(peer, "kind4", P.BAD_MESSAGE, WATCH_ONLY)
+            # the camera link's page sends its microphone with its camera (--source browser)
+            if room.camera_owner != peer.peer_id:
+                return self._error_once(peer, "kind4", P.BAD_MESSAGE, WATCH_ONLY if not peer.may_camera
+                                        else 'a camera link sends its microphone only while it feeds the '
+                                        'camera (send {"type":"camera","on":true} first); until then it only watches')
+            try:
+                P.unpack_pcm(message[P.HEADER_SIZE:])
+            except ValueError as exc:
+                return self._error_once(peer, "pcm", P.BAD_MESSAGE, str(exc))
+            if (sender := room.by_role("sender")) is not None and \
+                    self._within_rate(peer, "audio", P.AUDIO_MAX_CHUNKS_PER_S):
+                sender.outbox.put_stream("audio", message, AUDIO_QUEUE_CHUNKS)
         else:
             self._error_once(peer, f"kind{kind}", P.BAD_MESSAGE,
                              f"a {peer.role} may not send pictures of kind {kind}")

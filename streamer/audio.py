@@ -8,8 +8,8 @@ Sources (`--audio SPEC`, `open_audio`), 48 kHz mono, 20 ms frames:
 * ``mic[:DEVICE]``: a microphone through PyAV (pulse or alsa on Linux, avfoundation on macOS,
   dshow on Windows); none there is one line and the call goes on silent;
 * ``sample`` / ``PATH``: the sound track of the bundled clip / of a file. With the same file as
-  the video source it follows the video's clock (`FileSource.clip`): the video is paced at
-  --fps, not at the file's rate, so the sound plays at the video's speed and both loop together;
+  the video source it follows the video's clock (`FileSource.clip`): the file plays at its own
+  speed whatever --fps captures it at, and sound and pictures loop together;
 * ``tone``: a 100 ms chirp at the start of every second of the capture clock (the marker of
   `sources.marked`; `--source synthetic:flash` or `sample:flash` whitens a corner then);
 * ``none``: silence.
@@ -38,6 +38,8 @@ from typing import Any
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from server.protocol import unpack_pcm
 
 from .errors import ConfigError
 from .sources import MARK_S, BrowserSource, FileSource, FrameSource, marked, now_us
@@ -136,8 +138,8 @@ def tone(t_us: int, n: int) -> np.ndarray:
 
 class FileAudioSource(AudioSource):
     """A file's sound track. With `video` (a FileSource of the same file) it follows the
-    video's clip clock: the position of frame time c read at t_v is c + (t - t_v)·speed, speed =
-    --fps / the file's frame rate; a drift over 60 ms (or the clip starting again) jumps."""
+    video's clip clock: the position of clip time c captured at t_v is c + (t - t_v), the video
+    playing at the file's own speed; a drift over 60 ms (or the clip starting again) jumps."""
 
     def __init__(self, path: str | Path, video: FileSource | None = None, name: str | None = None) -> None:
         self.path = Path(path)
@@ -178,19 +180,14 @@ class FileAudioSource(AudioSource):
             length = len(self.samples) / SAMPLE_RATE
             return self.start_s + ((t_us - self._t0) / 1e6) % length
         c, t_v = clip
-        return c + (t_us - t_v) / 1e6 * self._speed()
-
-    def _speed(self) -> float:
-        v = self.video
-        return v.fps / v.file_rate if v is not None and v.file_rate > 0 else 1.0
+        return c + (t_us - t_v) / 1e6
 
     def render(self, t_us: int, n: int) -> np.ndarray:
         target = self._position(t_us)
         if self._pos is None or abs(self._pos - target) > 0.06:
             self._pos = target
-        step = self._speed() / SAMPLE_RATE
-        idx = (self._pos - self.start_s) * SAMPLE_RATE + np.arange(n) * step * SAMPLE_RATE
-        self._pos += n * step
+        idx = (self._pos - self.start_s) * SAMPLE_RATE + np.arange(n)
+        self._pos += n / SAMPLE_RATE
         inside = (idx >= 0) & (idx < len(self.samples) - 1)  # past the sound's end: silence
         out = np.zeros(n, np.float32)
         if inside.any():
@@ -225,6 +222,11 @@ class PushedAudioSource(AudioSource):
             if extra > 0:
                 self._buf = self._buf[extra:]
                 self.dropped += extra
+
+    def push_pcm(self, payload: bytes) -> None:
+        """A page's microphone chunk (docs/protocol.md, kind 4); ValueError if malformed."""
+        rate, raw = unpack_pcm(payload)
+        self.push(np.frombuffer(raw, "<i2"), rate)
 
     @property
     def buffered(self) -> int:

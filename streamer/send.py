@@ -28,14 +28,14 @@ from server.protocol import bitrate_error
 
 from . import cli
 from . import transport as T
-from .audio import AudioSource, check_audio_spec, open_audio
+from .audio import AudioSource, PushedAudioSource, check_audio_spec, open_audio
 from .codec import NeuralCodec
 from .errors import ConfigError
 from .metrics import psnr
 from .receive import jpeg
 from .ratecontrol import RateController
 from .session import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_RECOVERY, RECOVERIES, Candidate, EncoderSession, FrameType
-from .signaling import KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
+from .signaling import KIND_AUDIO, KIND_CAMERA, KIND_ORIGINAL, Picture, Signaling, resolve_server
 from .sources import BrowserSource, CapturedFrame, FrameSource, open_source
 from .stats import CallStats
 
@@ -73,6 +73,8 @@ class Sender:
         self.codec, self.source, self.sig, self.cfg = codec, source, sig, cfg
         self.audio = audio  # our sound: one audio track per call, on the same peer connection
         self.audio_track: Any = None
+        self.pcm_chunks = 0  # microphone chunks (kind 4) from the camera link's page, pushed into
+        self.pcm_bad = 0  # our sound when it is the page's (--source browser, --audio auto)
         # step-mode models: the quantizer level (step size) frames are sent at; a rate
         # controller would change it per frame (the level travels in every packet)
         self.level = codec.quantizer.check_level(level)
@@ -294,7 +296,10 @@ class Sender:
             self.stats.values["target_kbps"] = round(self.rate.effective_target_kbps, 1)
             self.stats.values["level"] = round(self.rate.level, 2)
         self._encode_ms, self._psnr = [], []
-        return self.stats.tick()
+        snap = self.stats.tick()
+        # for the camera link's page: whether our sound is its microphone (then it sends it)
+        return {**snap, "source": self.source.name, "audio": self.audio.name if self.audio is not None else None,
+                "pcm_chunks": self.pcm_chunks}
 
     async def stats_loop(self) -> None:
         while True:
@@ -318,6 +323,8 @@ class Sender:
             if isinstance(msg, Picture):
                 if msg.kind == KIND_CAMERA and isinstance(self.source, BrowserSource):
                     self.source.push_jpeg(msg.jpeg, msg.timestamp_us)
+                elif msg.kind == KIND_AUDIO:
+                    self.on_pcm(msg.jpeg)
                 continue
             t = msg.get("type")
             if t == "peer_joined" and msg.get("role") == "receiver":
@@ -343,6 +350,16 @@ class Sender:
                 print(f"send: a viewer turned its camera {'on' if on else 'off'}{note}", flush=True)
             elif t == "error" and not self.quiet:
                 print(f"send: server says: {msg.get('message')} ({msg.get('code')})", file=sys.stderr)
+
+    def on_pcm(self, payload: bytes) -> None:
+        """The camera link's microphone: our sound if it is the page's, else ignored."""
+        if not (isinstance(self.audio, PushedAudioSource) and isinstance(self.source, BrowserSource)):
+            return
+        try:
+            self.audio.push_pcm(payload)
+            self.pcm_chunks += 1
+        except ValueError:
+            self.pcm_bad += 1  # (the server checked it already: only a bug gets here)
 
     def _set_bitrate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """A page holding the camera link, or the receiver, asks for another --kbps target: set

@@ -272,8 +272,16 @@ class SyntheticSource(FrameSource):
         return self.render(self._t)
 
 
+# A file whose pictures take longer to decode than to show falls behind its clock: one capture
+# decodes at most this many pictures to catch up, then the clip is let run late.
+MAX_FILE_CATCH_UP = 8
+
+
 class FileSource(FrameSource):
-    """A video file, looped forever, paced at `fps` (the file's own rate if fps is None)."""
+    """A video file, looped forever, played at its own speed and captured at `fps` (the file's
+    own rate if fps is None): above the file's rate a picture is captured more than once, below
+    it some are passed over, so a 25 fps clip sent at 30 fps is neither fast nor slow, and its
+    sound (which follows `clip`) stays at its pitch."""
 
     name = "file"
 
@@ -284,13 +292,15 @@ class FileSource(FrameSource):
         self.loop = loop
         self._container: av.container.InputContainer | None = None
         self._frames = None
-        # the clip's clock, which the file's sound follows (streamer/audio.py): the last frame's
-        # time in the file, when it was read, and how often the clip started again
+        # the clip's clock, which the file's sound follows (streamer/audio.py): where in the file
+        # (seconds) the picture captured last stands, when it was captured, and how often the
+        # clip started again
         self.clip: tuple[float, int] | None = None
         self.loops = -1
+        self.clock = time.monotonic  # seconds; tests replace it to step the clip by hand
         self._open()  # fail now (clear message), not in the capture thread
         rate = self._container.streams.video[0].average_rate if self._container else None
-        self.file_rate = float(rate) if rate else 25.0
+        self.file_rate = float(rate) if rate and rate > 0 else 25.0
         self.has_audio = bool(self._container and self._container.streams.audio)
         super().__init__(size, fps or self.file_rate)
         self.name = f"file:{self.path.name}"
@@ -306,18 +316,57 @@ class FileSource(FrameSource):
             self.loops += 1
         except (av.error.FFmpegError, OSError) as e:
             raise SourceError(f"cannot open video {self.path}: {e}") from None
+        # playback state of this pass through the file: when it started (on the first capture),
+        # the picture on show, the one decoded ahead (not due yet), and the decoded count
+        self._started: float | None = None
+        self._shown: tuple[float, np.ndarray] | None = None
+        self._ahead: tuple[float, np.ndarray] | None = None
+        self._decoded = 0
+        self._first_time: float | None = None
+
+    def _decode_next(self) -> tuple[float, np.ndarray] | None:
+        """The next picture of this pass and its time from the pass's first picture (seconds);
+        None at the end of the file. Streams without timestamps count frames at the file's rate."""
+        frame = next(self._frames, None)  # type: ignore[arg-type]
+        if frame is None:
+            return None
+        t = float(frame.time) if frame.time is not None else self._decoded / self.file_rate
+        if self._first_time is None:
+            self._first_time = t
+        self._decoded += 1
+        return t - self._first_time, frame.to_ndarray(format="rgb24")
 
     def _read(self) -> np.ndarray | None:
-        for attempt in range(2):
+        for attempt in range(3):
             try:
-                frame = next(self._frames)  # type: ignore[arg-type]
-                self.clip = (float(frame.time or 0.0), now_us())
-                return frame.to_ndarray(format="rgb24")
-            except StopIteration:
-                if not self.loop:
-                    self._stop.set()
-                    return None
-                self._open()  # reopening is as cheap as seeking and works for every format
+                now = self.clock()
+                if self._started is None:
+                    self._started = now
+                    self._shown = self._decode_next()
+                    if self._shown is None:
+                        raise SourceError(f"{self.path}: no decodable frames")
+                    self._ahead = self._decode_next()
+                t = now - self._started
+                # due: a picture whose time has come (1 ms early is close enough: the capture
+                # ticks fall just after theirs)
+                due = t + 1e-3
+                caught_up = 0
+                while self._ahead is not None and self._ahead[0] <= due:
+                    self._shown, self._ahead = self._ahead, self._decode_next()
+                    caught_up += 1
+                    if caught_up == MAX_FILE_CATCH_UP:  # decoding slower than the clip: let it
+                        self._started, t = now - self._shown[0], self._shown[0]  # lag, bounded
+                        due = t + 1e-3
+                        break
+                if self._ahead is None and due >= self._shown[0] + 1.0 / self.file_rate:
+                    # the last picture has had its time: the file is over
+                    if not self.loop:
+                        self._stop.set()
+                        return None
+                    self._open()  # reopening is as cheap as seeking and works for every format
+                    continue
+                self.clip = ((self._first_time or 0.0) + t, now_us())
+                return self._shown[1]
             except av.error.FFmpegError:
                 self._open()  # damaged data: start the clip again
         raise SourceError(f"{self.path}: no decodable frames")

@@ -91,10 +91,13 @@ class FakeCall:
     kind-1 pictures and stats, the sender kind-2 originals and stats, and the sender records
     what the browser sends it (camera messages, kind-3 frames)."""
 
-    def __init__(self, srv: RunningServer, fps: float = 15) -> None:
-        self.srv, self.fps = srv, fps
+    def __init__(self, srv: RunningServer, fps: float = 15, sender_audio: str | None = None) -> None:
+        """sender_audio: the sound the fake sender's stats name ("browser": the camera link's
+        microphone, which the page then sends as kind 4)."""
+        self.srv, self.fps, self.sender_audio = srv, fps, sender_audio
         self.camera_msgs: list[dict[str, Any]] = []
         self.camera_frames: list[bytes] = []
+        self.pcm_frames: list[bytes] = []
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -125,6 +128,8 @@ class FakeCall:
             async for m in ws:
                 if isinstance(m, bytes) and P.unpack_frame(m)[0].kind == P.KIND_CAMERA:
                     self.camera_frames.append(m)
+                elif isinstance(m, bytes) and P.unpack_frame(m)[0].kind == P.KIND_AUDIO:
+                    self.pcm_frames.append(m)
                 elif isinstance(m, str) and json.loads(m)["type"] == "camera":
                     self.camera_msgs.append(json.loads(m))
 
@@ -141,7 +146,8 @@ class FakeCall:
                     "latency_ms": {"p50": 40 + n % 7, "p95": 60, "max": 70},
                     "psnr": 30 + (n % 10) / 10, "frames": n, "lost": n // 5, "decode_ms": 12.5}}))
                 await sender.send(json.dumps({"type": "stats", "stats": {
-                    "fps": self.fps, "kbps": 410 + 10 * (n % 20), "frames": n, "psnr": None}}))
+                    "fps": self.fps, "kbps": 410 + 10 * (n % 20), "frames": n, "psnr": None,
+                    "audio": self.sender_audio}}))
             n += 1
             await asyncio.sleep(max(0, t0 + n / self.fps - time.monotonic()))
         for task in listeners:
@@ -263,6 +269,47 @@ def test_send_my_camera_reaches_the_sender(server: RunningServer, browser_page: 
     assert page.js_errors == []
 
 
+def test_send_my_camera_sends_the_microphone_when_the_senders_sound_is_the_page(
+        server: RunningServer, browser_page: Any) -> None:
+    page = browser_page
+    with FakeCall(server, sender_audio="browser") as call:  # `send --source browser --audio auto`
+        page.goto(server.join_url("demo", "camera"))
+        wait_js(page, "() => window.callState && window.callState.joined")
+        wait_js(page, "() => window.callState.stats.sender && window.callState.stats.sender.audio == 'browser'")
+        page.click("#camera")  # (the click is also the gesture that lets the page start sound)
+        wait_js(page, "() => window.callState.pcmSent >= 25", 20)
+        deadline = time.monotonic() + 5
+        while len(call.pcm_frames) < 25 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        note = page.text_content("#camera-note")
+        page.click("#camera")  # stop: the microphone stops with the camera
+        page.wait_for_timeout(300)
+        stopped_at = page.evaluate("window.callState.pcmSent")
+        page.wait_for_timeout(500)
+        after = page.evaluate("window.callState.pcmSent")
+    assert len(call.pcm_frames) >= 25
+    rate, samples = P.unpack_pcm(P.unpack_frame(call.pcm_frames[-1])[1])
+    assert rate == 48000 and len(samples) == 2 * 960  # 20 ms of 48 kHz mono int16
+    assert "microphone" in note
+    assert after == stopped_at
+    assert page.js_errors == []
+
+
+def test_send_my_camera_keeps_the_microphone_off_when_the_sender_has_its_own_sound(
+        server: RunningServer, browser_page: Any) -> None:
+    page = browser_page
+    with FakeCall(server, sender_audio="sample") as call:
+        page.goto(server.join_url("demo", "camera"))
+        wait_js(page, "() => window.callState && window.callState.joined")
+        wait_js(page, "() => window.callState.stats.sender && window.callState.stats.sender.audio == 'sample'")
+        page.click("#camera")
+        wait_js(page, "() => window.callState.cameraSent >= 10", 20)
+        page.wait_for_timeout(500)
+        sent = page.evaluate("window.callState.pcmSent")
+    assert sent == 0 and call.pcm_frames == [] and len(call.camera_frames) > 0
+    assert page.js_errors == []
+
+
 def test_wrong_token_is_shown_on_the_page(server: RunningServer, browser_page: Any) -> None:
     page = browser_page
     page.goto(server.join_url("demo").replace(server.token("demo"), "nope"))
@@ -343,6 +390,10 @@ def test_browser_camera_goes_through_the_real_call(server: RunningServer, browse
         second = page.evaluate(CANVAS_SAMPLE, "decoded")
         save_screenshot(page, tmp_path, "browser-call.png")
         sent, echoes = page.evaluate("[window.callState.cameraSent, window.callState.cameraEchoes]")
+        # the page's microphone is the sender's sound (--audio auto with --source browser): the
+        # real sender says in its stats that it took the page's chunks
+        wait_js(page, "() => (window.callState.stats.sender.pcm_chunks || 0) >= 20", 20)
+        sender_audio = page.evaluate("window.callState.stats.sender.audio")
     finally:
         _stop(procs)
         for f in logs.values():
@@ -351,6 +402,7 @@ def test_browser_camera_goes_through_the_real_call(server: RunningServer, browse
     assert "Traceback" not in output["send"] + output["receive"], output
     assert all(p.returncode == 0 for p in procs), (procs, output)
     assert sent > 5
+    assert sender_audio == "browser"
     # The decoded pictures carry the capture times of this page's camera frames: they are
     # those frames, having gone through the whole call.
     assert echoes >= 3, (echoes, output)

@@ -201,6 +201,51 @@ def test_browser_camera_frames_reach_the_sender() -> None:
     arun(body())
 
 
+def test_the_camera_owners_microphone_reaches_the_sender_and_no_one_elses() -> None:
+    import struct
+
+    def chunk(n: int, samples: int = 960, rate: int = 48000) -> bytes:
+        return P.pack_frame(P.KIND_AUDIO, n, P.pack_pcm(struct.pack(f"<{samples}h", *range(samples)), rate))
+
+    async def next_binary(ws: ClientConnection, timeout: float = 5) -> bytes:
+        while isinstance(m := await asyncio.wait_for(ws.recv(), timeout), str):
+            pass
+        return m
+
+    async def body() -> None:
+        async with run_server(rooms=ROOMS) as srv:
+            sender, _ = await join(srv, "sender")
+            receiver, _ = await join(srv, "receiver")
+            camera = srv.token("demo", "camera")
+            owner, jo = await join(srv, "viewer", token=camera)
+            other, _ = await join(srv, "viewer", token=camera)
+            watcher, _ = await join(srv, "viewer")  # the view-only link
+            await owner.send(chunk(0))  # not the camera's owner yet: refused, said once
+            err = await recv_type(owner, "error")
+            assert err["code"] == P.BAD_MESSAGE and "camera" in err["message"]
+            await owner.send(json.dumps({"type": "camera", "on": True}))
+            await recv_type(sender, "camera")
+            for n in range(1, 6):
+                await owner.send(chunk(n))
+            heard = [P.unpack_frame(await next_binary(sender)) for _ in range(5)]
+            assert [h.frame for h, _ in heard] == [1, 2, 3, 4, 5]  # in order, none lost
+            assert {h.sender for h, _ in heard} == {jo["peer_id"]}
+            assert P.unpack_pcm(heard[0][1]) == (48000, struct.pack("<960h", *range(960)))
+            await owner.send(chunk(6, rate=12345))  # malformed: one bad_message, not forwarded
+            assert "rate" in (await recv_type(owner, "error"))["message"]
+            await other.send(chunk(7))  # a camera link that does not own the camera
+            assert "camera" in (await recv_type(other, "error"))["message"]
+            await watcher.send(chunk(8))  # the view-only link
+            assert "only watches" in (await recv_type(watcher, "error"))["message"]
+            for ws in (sender, receiver):  # a refused chunk reaches no one; none ever the receiver
+                got = []
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while True:
+                        got.append(await asyncio.wait_for(ws.recv(), 0.3))
+                assert not any(isinstance(m, bytes) for m in got), got
+    arun(body())
+
+
 async def quiet_for(ws: ClientConnection, seconds: float = 0.3) -> list[dict[str, Any]]:
     """The text messages that arrive within `seconds`."""
     got: list[dict[str, Any]] = []

@@ -83,25 +83,81 @@ def test_capture_does_not_block_the_event_loop():
     run(main())
 
 
-def test_file_source_loops(tmp_path):
-    path = tmp_path / "three.mp4"
-    with VideoWriter(path, 25, 96, 80) as w:
-        for i in range(3):
-            w.write(np.full((80, 96, 3), 60 * i, np.uint8))
+def _numbered_clip(path, frames: int, rate: int = 25):
+    """A clip whose picture i is grey level 20·i, so a captured picture tells its index."""
+    with VideoWriter(path, rate, 96, 80) as w:
+        for i in range(frames):
+            w.write(np.full((80, 96, 3), 20 * i, np.uint8))
+    return path
 
-    async def main():
+
+def _indices(src: FileSource, fps: float, ticks: int) -> list[int | None]:
+    """The picture index each of `ticks` captures at `fps` returns, on a clock stepped by hand."""
+    out = []
+    for k in range(ticks):
+        src.clock = lambda k=k: 1000.0 + k / fps
+        raw = src._read()
+        out.append(None if raw is None else int(round(float(raw.mean()) / 20)))
+    return out
+
+
+def test_file_source_plays_at_the_files_speed_whatever_the_capture_rate(tmp_path):
+    path = _numbered_clip(tmp_path / "ten.mp4", 10)
+    src = FileSource(path, size=64, fps=30, loop=False)
+    try:  # 25 fps captured at 30: each picture once, one in five twice; 0.4 s of clip in 12 captures
+        assert _indices(src, 30, 14) == [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, None, None]
+    finally:
+        src.close()
+    src = FileSource(path, size=64, fps=12.5, loop=False)
+    try:  # captured at half the file's rate: every other picture
+        assert _indices(src, 12.5, 6) == [0, 2, 4, 6, 8, None]
+    finally:
+        src.close()
+    src = FileSource(path, size=64, loop=False)
+    try:  # the file's own rate by default: every picture once
+        assert src.fps == 25 and _indices(src, 25, 11) == list(range(10)) + [None]
+    finally:
+        src.close()
+
+
+def test_file_source_loops_and_its_clock_starts_again(tmp_path):
+    path = _numbered_clip(tmp_path / "three.mp4", 3)
+    src = FileSource(path, size=64, fps=25)
+    try:
+        assert _indices(src, 25, 7) == [0, 1, 2, 0, 1, 2, 0]
+        assert src.loops == 2
+        assert src.clip is not None and src.clip[0] == pytest.approx(0.0)  # the clip's start again
+    finally:
+        src.close()
+
+    async def main():  # and through the capture thread, in real time
         src = FileSource(path, size=64, fps=200)
         src.start()
         try:
-            seen = set()
-            for _ in range(12):
-                f = await asyncio.wait_for(src.frame(), 5)
-                seen.add(f.seq)
+            for _ in range(60):
+                await asyncio.wait_for(src.frame(), 5)
+                if src.loops >= 1:
+                    break
                 await asyncio.sleep(0.01)
-            assert src.captured > 3  # more frames than the file holds: it looped
+            assert src.loops >= 1  # 0.12 s of clip: it looped
         finally:
             src.close()
     run(main())
+
+
+def test_a_file_decoding_slower_than_its_clock_lags_instead_of_catching_up_without_end(tmp_path):
+    from streamer.sources import MAX_FILE_CATCH_UP
+    path = _numbered_clip(tmp_path / "twelve.mp4", 12)
+    src = FileSource(path, size=64, fps=25, loop=False)
+    try:
+        src.clock = lambda: 1000.0
+        assert int(round(float(src._read().mean()) / 20)) == 0
+        src.clock = lambda: 1010.0  # ten seconds late: one capture decodes a bounded number
+        assert int(round(float(src._read().mean()) / 20)) == MAX_FILE_CATCH_UP
+        src.clock = lambda: 1010.04  # and the clip goes on from there at its speed
+        assert int(round(float(src._read().mean()) / 20)) == MAX_FILE_CATCH_UP + 1
+    finally:
+        src.close()
 
 
 def test_sample_is_the_bundled_clip():
