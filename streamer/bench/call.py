@@ -735,7 +735,8 @@ def transport_only(args: argparse.Namespace) -> dict[str, Any]:
 
     codec = load_codec(args.weights, "eager", args.threads)
     T.tune_sctp(args.rto_min if args.rto_min is not None else T.DEFAULT_RTO_MIN_S)
-    src = open_source(args.source, args.size or codec.frame_size, 1000.0, quiet=True)
+    # at the call's rate: a file plays at its own speed, so a faster capture would repeat pictures
+    src = open_source(args.source, args.size or codec.frame_size, args.fps, quiet=True)
     frames = []
 
     async def grab() -> None:
