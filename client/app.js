@@ -796,7 +796,19 @@ async function startViewerMic() {
     micStarting = false;
   }
   if (!cameraStream) stopMicrophone();  // the camera stopped meanwhile
-  else if (micStream) $("camera-note").textContent = "Your camera and microphone feed the call's sender.";
+  else if (micStream) {
+    $("camera-note").textContent = "Your camera and microphone feed the call's sender.";
+    $("camera-mic").hidden = false;
+  }
+}
+
+// The camera link's own microphone switch: while muted no chunks leave this page, and the
+// sender's sound is silence (there is no program of ours to tell).
+function toggleViewerMic() {
+  state.muted.microphone = !state.muted.microphone;
+  micStream?.getAudioTracks().forEach((t) => { t.enabled = !state.muted.microphone; });
+  $("camera-mic").setAttribute("aria-pressed", String(state.muted.microphone));
+  $("camera-mic").textContent = state.muted.microphone ? "Unmute my microphone" : "Mute my microphone";
 }
 
 function stopCamera(tellServer = true) {
@@ -807,7 +819,11 @@ function stopCamera(tellServer = true) {
   $("preview").hidden = true;
   $("preview").srcObject = null;
   if (tellServer && !face) send({ type: "camera", on: false });
-  if (!face) stopMicrophone();
+  if (!face) {
+    stopMicrophone();
+    $("camera-mic").hidden = true;
+    if (state.muted.microphone) toggleViewerMic();  // the next camera starts unmuted
+  }
   $("camera").textContent = "Send my camera";
   $("camera").setAttribute("aria-pressed", "false");
   $("camera-note").textContent = "";
@@ -913,6 +929,7 @@ $("bitrate").addEventListener("change", askBitrate);
 $("hangup").addEventListener("click", hangUp);
 $("mute-camera").addEventListener("click", () => toggleMute("camera"));
 $("mute-mic").addEventListener("click", () => toggleMute("microphone"));
+$("camera-mic").addEventListener("click", toggleViewerMic);
 $("fullscreen").addEventListener("click", toggleFullscreen);
 $("fs-exit").addEventListener("click", toggleFullscreen);
 $("fs-hangup").addEventListener("click", hangUp);

@@ -270,7 +270,7 @@ def test_send_my_camera_reaches_the_sender(server: RunningServer, browser_page: 
 
 
 def test_send_my_camera_sends_the_microphone_when_the_senders_sound_is_the_page(
-        server: RunningServer, browser_page: Any) -> None:
+        server: RunningServer, browser_page: Any, tmp_path: Path) -> None:
     page = browser_page
     with FakeCall(server, sender_audio="browser") as call:  # `send --source browser --audio auto`
         page.goto(server.join_url("demo", "camera"))
@@ -282,16 +282,28 @@ def test_send_my_camera_sends_the_microphone_when_the_senders_sound_is_the_page(
         while len(call.pcm_frames) < 25 and time.monotonic() < deadline:
             time.sleep(0.1)
         note = page.text_content("#camera-note")
+        save_screenshot(page, tmp_path, "browser-camera-microphone.png")
+        assert page.is_visible("#camera-mic")
+        page.click("#camera-mic")  # mute: no chunks leave the page
+        page.wait_for_timeout(300)
+        muted_at = page.evaluate("window.callState.pcmSent")
+        page.wait_for_timeout(500)
+        muted_after = page.evaluate("window.callState.pcmSent")
+        muted_label = page.text_content("#camera-mic")
+        page.click("#camera-mic")  # unmute: they flow again
+        wait_js(page, f"() => window.callState.pcmSent >= {muted_after + 10}", 10)
         page.click("#camera")  # stop: the microphone stops with the camera
         page.wait_for_timeout(300)
         stopped_at = page.evaluate("window.callState.pcmSent")
         page.wait_for_timeout(500)
         after = page.evaluate("window.callState.pcmSent")
+        mic_visible_after = page.is_visible("#camera-mic")
     assert len(call.pcm_frames) >= 25
     rate, samples = P.unpack_pcm(P.unpack_frame(call.pcm_frames[-1])[1])
     assert rate == 48000 and len(samples) == 2 * 960  # 20 ms of 48 kHz mono int16
     assert "microphone" in note
-    assert after == stopped_at
+    assert muted_after == muted_at and muted_label == "Unmute my microphone"
+    assert after == stopped_at and not mic_visible_after
     assert page.js_errors == []
 
 
@@ -306,7 +318,9 @@ def test_send_my_camera_keeps_the_microphone_off_when_the_sender_has_its_own_sou
         wait_js(page, "() => window.callState.cameraSent >= 10", 20)
         page.wait_for_timeout(500)
         sent = page.evaluate("window.callState.pcmSent")
+        switch_shown = page.is_visible("#camera-mic")
     assert sent == 0 and call.pcm_frames == [] and len(call.camera_frames) > 0
+    assert not switch_shown  # no microphone switch where no microphone is sent
     assert page.js_errors == []
 
 
