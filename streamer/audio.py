@@ -379,6 +379,12 @@ def open_audio(spec: str, video_source: FrameSource | None = None, quiet: bool =
     return FileAudioSource(path, same)
 
 
+def is_page_microphone(audio: AudioSource | None) -> bool:
+    """Whether `audio` is fed by a page's microphone chunks (kind 4): pushed, and not a device
+    of this machine (a MicSource pushes its own capture; page chunks must not mix into it)."""
+    return isinstance(audio, PushedAudioSource) and not isinstance(audio, MicSource)
+
+
 def _mic_or_silence(device: str | None, quiet: bool, why: str) -> AudioSource:
     try:
         return MicSource(device)
@@ -388,5 +394,6 @@ def _mic_or_silence(device: str | None, quiet: bool, why: str) -> AudioSource:
 
 
 __all__ = ["AUDIO_SPECS", "AudioSource", "ToneSource", "FileAudioSource", "PushedAudioSource", "MicSource",
+           "is_page_microphone",
            "AudioTrack", "open_audio", "check_audio_spec", "tone", "marked", "to_mono", "resample", "SAMPLE_RATE",
            "FRAME_SAMPLES"]

@@ -47,7 +47,7 @@ from typing import Any
 from . import cli
 from . import transport as T
 from .assembler import DEFAULT_DEADLINE_S
-from .audio import PushedAudioSource, open_audio
+from .audio import is_page_microphone, open_audio
 from .codec import NeuralCodec
 from .receive import Receiver, add_audio_args, close_recorder, open_recorder, open_sink
 from .send import DEFAULT_KBPS, P_FRAMES, Sender, add_audio_arg, learned_coder
@@ -448,7 +448,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event | None = None,
                   frame_log=FrameLog(args.frame_log), deadline_s=args.deadline_ms / 1000, quiet=True,
                   frame_size=size, audio=open_sink("call", args, recorder))
     call = Call(tx, rx, sig, cfg, ice_addresses=ice, stun=args.stun, quiet=args.quiet, stay=args.stay)
-    if isinstance(audio, PushedAudioSource) and isinstance(source, BrowserSource):
+    if is_page_microphone(audio) and isinstance(source, BrowserSource):
         call.pushed_audio = audio  # the page's microphone (kind 4) is our sound
     if on_start is not None:
         on_start(call)

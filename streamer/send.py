@@ -28,7 +28,7 @@ from server.protocol import bitrate_error
 
 from . import cli
 from . import transport as T
-from .audio import AudioSource, PushedAudioSource, check_audio_spec, open_audio
+from .audio import AudioSource, check_audio_spec, is_page_microphone, open_audio
 from .codec import NeuralCodec
 from .errors import ConfigError
 from .metrics import psnr
@@ -353,7 +353,7 @@ class Sender:
 
     def on_pcm(self, payload: bytes) -> None:
         """The camera link's microphone: our sound if it is the page's, else ignored."""
-        if not (isinstance(self.audio, PushedAudioSource) and isinstance(self.source, BrowserSource)):
+        if not (is_page_microphone(self.audio) and isinstance(self.source, BrowserSource)):
             return
         try:
             self.audio.push_pcm(payload)

@@ -20,7 +20,7 @@ from server.app import run_server
 from streamer import audio as A
 from streamer.audio_sink import AudioSink
 from streamer import call, receive, send
-from streamer.sources import FileSource, flash_shown
+from streamer.sources import BrowserSource, FileSource, flash_shown
 
 from aio import Running, wait_until
 
@@ -291,3 +291,11 @@ def test_a_track_paces_itself_and_skips_a_long_stall_without_a_gap_in_rtp_time()
     assert e1 - e0 >= 200_000  # the stall's sound skipped: the capture clock of sample 0 moved on
     # what the late frame holds is the tone of its (new) capture instants
     assert np.array_equal(late.to_ndarray().reshape(-1), A.tone(e1 + 10 * 960 * 1_000_000 // 48000, 960))
+
+
+def test_only_a_pushed_source_is_a_pages_microphone_not_this_machines():
+    page = A.open_audio("auto", BrowserSource(224, 30))
+    assert A.is_page_microphone(page) and page.name == "browser"
+    mic = A.MicSource.__new__(A.MicSource)  # (no device here: the type is what counts)
+    assert not A.is_page_microphone(mic)  # its own capture; page chunks must not mix into it
+    assert not A.is_page_microphone(A.ToneSource()) and not A.is_page_microphone(None)
