@@ -35,28 +35,6 @@ def test_a_still_clip_gives_one_and_odd_sizes_are_refused():
         residual_ratios([y[:, :27], y[:, :27]])
 
 
-def test_the_exact_shift_moves_integers_by_quarter_cells_as_integers():
-    from training.motion_probe import shift_exact
-
-    ref = torch.randint(-3000, 3000, (1, 6, 28, 28), generator=torch.Generator().manual_seed(0)).float()
-    assert torch.equal(shift_exact(ref, 0, 0), ref)
-    assert torch.equal(shift_exact(ref, 4, 0)[..., 1:, :], ref[..., :-1, :])  # a cell down
-    assert torch.equal(shift_exact(ref, 0, -8)[..., :, :-2], ref[..., :, 2:])  # two cells left
-    half = shift_exact(ref, 2, 0)  # half a cell down: the mean of a row and the one above, rounded half up
-    assert torch.equal(half[..., 1:, :], torch.floor((8 * ref[..., 1:, :] + 8 * ref[..., :-1, :] + 8) / 16))
-    assert torch.equal(half, half.round())  # integers, whatever the weights
-
-
-def test_the_sender_picks_the_shift_that_moved_the_reference():
-    from training.motion_probe import aligned_reference, shift_exact
-
-    ref = torch.randint(-3000, 3000, (1, 6, 28, 28), generator=torch.Generator().manual_seed(1)).float()
-    target = shift_exact(ref, 1, -3)
-    moved, picked = aligned_reference(ref, target)
-    assert torch.equal(moved, target)
-    assert set(picked) == {(1 + 4) * 9 + (-3 + 4)}  # 49 blocks, all the same shift of the 81
-
-
 def test_an_aligned_chain_keeps_both_ends_in_step_with_the_shipped_coder():
     import numpy as np
 
@@ -70,7 +48,6 @@ def test_an_aligned_chain_keeps_both_ends_in_step_with_the_shipped_coder():
     src = SyntheticSource(224)
     with torch.inference_mode():
         y = np.stack([codec.encode_with_latents(src.render(t), 2)[0] for t in range(4)])
-    bits, shift_bits, shifts, lat = aligned_chain(codec, model, y, 3, 2, SENDER_DEADZONE, align=True)
-    plain = aligned_chain(codec, model, y, 3, 2, SENDER_DEADZONE, align=False)
-    assert shifts == 3 * 49 and shift_bits >= 0 and bits > 0 and lat.shape == (4, *y.shape[1:])
-    assert plain[2] == 0 and plain[1] == 0.0
+    for align in (True, False):  # (it raises when a receiver's reference leaves the sender's)
+        bits, lat = aligned_chain(codec, model, y, 3, 2, SENDER_DEADZONE, align=align)
+        assert bits > 0 and lat.shape == (4, *y.shape[1:])

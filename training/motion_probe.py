@@ -15,14 +15,11 @@ measured coder. Ratios are residual energy with the shift over without it (1.0: 
 
     python -m training.motion_probe chains --cache cache/conditional/val [--clips 18] [--json]
 
-measures it with the shipped learned coder, untrained for it: 60-frame chains (an I-frame at
-level 2, then learned P-frames at each level, the sender's dead zone, real range-coded
-payloads) whose reference is first moved block by block by the shift the sender picks (the
-least squared error against the frame's latents; `shift_exact`, integer arithmetic, so both
-ends would move it alike), against the same chains unmoved. The shifts' cost is counted as
-their ideal code length under each chain's own histogram (optimistic) and at log2(81) bits
-each (no entropy coding); the BD-rates of the aligned chains against the plain ones say what
-alignment alone gives this coder.
+measures the call's block motion (streamer/codec/motion.py) with the shipped learned coder,
+untrained for it: 60-frame chains (an I-frame at level 2, then learned P-frames at each level,
+the sender's dead zone, real range-coded payloads with the shifts inside, every receiver's
+reference checked) with the motion on, against the same chains with it off; BD-rates over all
+clips, the still GRID ones and the others.
 """
 
 from __future__ import annotations
@@ -75,46 +72,10 @@ def residual_ratios(latents: list[torch.Tensor], shifts: list[tuple[float, float
     return {"global": whole / plain, "per_block": blocks / plain}
 
 
-def shift_exact(ref: torch.Tensor, qy: int, qx: int) -> torch.Tensor:
-    """An integer reference (1, C, H, W) with its content moved by (qy, qx) quarter cells:
-    bilinear weights in sixteenths, edges replicated, rounded half up; integer arithmetic (int64),
-    the same on every machine."""
-    _, _, h, w = ref.shape
-    r = ref.to(torch.int64)
-    iy, fy = divmod(-qy, 4)  # the source of output row y is y - qy/4 = y + iy + fy/4
-    ix, fx = divmod(-qx, 4)
-    pad = max(abs(iy), abs(ix)) + 1
-    p = F.pad(r.double(), (pad, pad, pad, pad), mode="replicate").to(torch.int64)
-
-    def at(dy: int, dx: int) -> torch.Tensor:
-        y0, x0 = pad + dy, pad + dx
-        return p[..., y0:y0 + h, x0:x0 + w]
-
-    acc = ((4 - fy) * (4 - fx) * at(iy, ix) + (4 - fy) * fx * at(iy, ix + 1)
-           + fy * (4 - fx) * at(iy + 1, ix) + fy * fx * at(iy + 1, ix + 1))
-    return torch.div(acc + 8, 16, rounding_mode="floor").to(ref.dtype)
-
-
-def aligned_reference(ref: torch.Tensor, target: torch.Tensor, block: int = BLOCK,
-                      max_quarters: int = MAX_SHIFT_QUARTERS) -> tuple[torch.Tensor, list[int]]:
-    """The sender's choice: ref moved block by block by the quarter-cell shift whose block is
-    nearest `target` (the frame's latents, at the reference's scale); (moved ref, shift indices)."""
-    r = range(-max_quarters, max_quarters + 1)
-    shifts = [(qy, qx) for qy in r for qx in r]
-    cands = torch.stack([shift_exact(ref, qy, qx)[0] for qy, qx in shifts])  # (S, C, H, W)
-    s, c, h, w = cands.shape
-    err = ((cands.double() - target[0].double()) ** 2).sum(1)
-    per_block = err.reshape(s, h // block, block, w // block, block).sum((2, 4))  # (S, h/b, w/b)
-    best = per_block.argmin(0)  # (h/b, w/b)
-    pick = best.repeat_interleave(block, 0).repeat_interleave(block, 1)  # (H, W)
-    out = torch.gather(cands, 0, pick[None, None].expand(1, c, h, w))
-    return out, best.flatten().tolist()
-
-
 def aligned_chain(codec, model, clip: np.ndarray, level: int, intra_level: int, deadzone: float,
-                  align: bool) -> tuple[float, float, float, torch.Tensor]:
-    """training.conditional.learned_chain with the reference moved (align=True) before each
-    P-frame; (payload bits, shift bits under the chain's histogram, shift count, latents)."""
+                  align: bool) -> tuple[float, torch.Tensor]:
+    """training.conditional.learned_chain with the call's block motion on or off
+    (`encode_frame(..., align=)`, the shifts inside the payload); (payload bits, latents)."""
     from streamer.codec.conditional import REF_FRAC, decode_frame, encode_frame, gaussian_coder, intra_reference
     from training.conditional import intra_codes
 
@@ -123,25 +84,16 @@ def aligned_chain(codec, model, clip: np.ndarray, level: int, intra_level: int, 
     bits = float(codec.entropy.estimate_bits(codes, intra_level).sum())
     first, _, step = codec.quantizer.grid(intra_level)
     ref = intra_reference(codes, first, step)
-    receiver, out, symbols = ref.clone(), [ref], []
+    receiver, out = ref.clone(), [ref]
     for t in range(1, len(clip)):
         y = torch.from_numpy(clip[t].astype(np.float32))[None]
-        if align:
-            ref, picked = aligned_reference(ref, y * (1 << REF_FRAC))
-            symbols += picked
-            receiver = ref.clone()  # (the receiver moves its own reference by the sent shifts alike)
-        payload, ref = encode_frame(model, coder, y, ref, level, deadzone)
-        receiver = decode_frame(model, coder, payload, receiver, level)
+        payload, ref = encode_frame(model, coder, y, ref, level, deadzone, align=align)
+        receiver = decode_frame(model, coder, payload, receiver, level, align=align)
         if not torch.equal(receiver, ref):
             raise RuntimeError(f"frame {t}: the receiver's reference is not the sender's")
         bits += 8 * len(payload)
         out.append(ref)
-    shift_bits = 0.0
-    if symbols:
-        counts = np.bincount(symbols)
-        p = counts[counts > 0] / len(symbols)
-        shift_bits = float(-(counts[counts > 0] * np.log2(p)).sum())
-    return bits, shift_bits, float(len(symbols)), torch.cat(out) / (1 << REF_FRAC)
+    return bits, torch.cat(out) / (1 << REF_FRAC)
 
 
 def chains(cache_dir: str, clips: int, weights: str = "default", intra_level: int = 2,
@@ -159,29 +111,23 @@ def chains(cache_dir: str, clips: int, weights: str = "default", intra_level: in
     idx = list(range(min(clips, len(latents))))
     rows = []
     for level in range(model.levels):
-        per_clip = {k: [] for k in ("plain_kbps", "plain_psnr", "aligned_kbps", "aligned_psnr",
-                                    "shift_kbps_histogram", "shift_kbps_fixed")}
+        per_clip = {k: [] for k in ("plain_kbps", "plain_psnr", "aligned_kbps", "aligned_psnr")}
         clip_kbps = lambda bits: bits / latents.shape[1] * FPS / 1000  # noqa: E731
         for i in idx:
             y = np.asarray(latents[i], np.float32)
             for name in ("plain", "aligned"):
-                b, sb, n, lat = aligned_chain(codec, model, y, level, intra_level, deadzone, name == "aligned")
+                b, lat = aligned_chain(codec, model, y, level, intra_level, deadzone, name == "aligned")
                 per_clip[f"{name}_kbps"].append(clip_kbps(b))
                 per_clip[f"{name}_psnr"].append(psnr(codec.model.decoder, lat, np.asarray(pixels[i])))
-                if name == "aligned":
-                    per_clip["shift_kbps_histogram"].append(clip_kbps(sb))
-                    per_clip["shift_kbps_fixed"].append(clip_kbps(n * np.log2((2 * MAX_SHIFT_QUARTERS + 1) ** 2)))
         row = {"level": level, **{k: float(np.mean(v)) for k, v in per_clip.items()}, "per_clip": per_clip}
         rows.append(row)
         print(f"level {level}: plain {row['plain_kbps']:6.1f} kbps {row['plain_psnr']:.2f} dB | aligned "
-              f"{row['aligned_kbps']:6.1f} kbps {row['aligned_psnr']:.2f} dB + shifts "
-              f"{row['shift_kbps_histogram']:.1f} (histogram) / {row['shift_kbps_fixed']:.1f} (fixed) kbps", flush=True)
+              f"{row['aligned_kbps']:6.1f} kbps {row['aligned_psnr']:.2f} dB (shifts included)", flush=True)
 
-    def curve(key: str, clips: list[int], extra: str | None = None) -> tuple[list[float], list[float]]:
+    def curve(key: str, clips: list[int]) -> tuple[list[float], list[float]]:
         def mean(r: dict, k: str) -> float:
             return float(np.mean([r["per_clip"][k][j] for j in clips]))
-        return ([mean(r, f"{key}_kbps") + (mean(r, extra) if extra else 0.0) for r in rows],
-                [mean(r, f"{key}_psnr") for r in rows])
+        return [mean(r, f"{key}_kbps") for r in rows], [mean(r, f"{key}_psnr") for r in rows]
 
     groups = {"all": list(range(len(idx)))}
     if names is not None:  # GRID's still heads apart from the clips that move
@@ -191,13 +137,9 @@ def chains(cache_dir: str, clips: int, weights: str = "default", intra_level: in
     for group, clips_of in groups.items():
         if not clips_of:
             continue
-        bd[group] = {"payload_only": bd_rate(curve("plain", clips_of), curve("aligned", clips_of)),
-                     "with_shifts_histogram": bd_rate(curve("plain", clips_of),
-                                                      curve("aligned", clips_of, "shift_kbps_histogram")),
-                     "with_shifts_fixed": bd_rate(curve("plain", clips_of), curve("aligned", clips_of, "shift_kbps_fixed"))}
-        for k, v in bd[group].items():
-            print(f"{group} ({len(clips_of)} clips): BD-rate aligned, {k.replace('_', ' ')}, against plain: "
-                  + ("no overlap" if v is None else f"{v:+.1f} %"))
+        bd[group] = bd_rate(curve("plain", clips_of), curve("aligned", clips_of))
+        print(f"{group} ({len(clips_of)} clips): BD-rate with block motion against without: "
+              + ("no overlap" if bd[group] is None else f"{bd[group]:+.1f} %"))
     return {"cache": cache_dir, "clips": len(idx), "names": names, "deadzone": deadzone,
             "intra_level": intra_level, "rows": rows, "bd_rate": bd}
 

@@ -4,6 +4,9 @@ The table-based P-frames (residual.py) code each latent's change on the intra qu
 with tables that know nothing of the picture. This coder (the idea of DCVC-RT, Jia et al. 2025,
 at CPU size) learns what the reference says about the next frame:
 
+    ref    = moved(ref, shifts)                            block motion (motion.py): the sender
+                                                           picks a shift per 32 x 32 px block,
+                                                           both ends move their reference alike
     c      = context(ref)                                  features of the reference, both ends
     z      = (4 (y - ref) + encoder(y, y - ref, c)) / (4 step)   the sender's conditional transform
     mu, j  = prior(c)                 on the anchors       a mean and a scale index per latent:
@@ -48,10 +51,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import WeightsError
+from . import motion
 from .gaussian import GaussianCoder, frequencies, half_widths
 from .intnet import ACT_MAX, IntConv2d, quantize_activation, round_ste
 from .weights import parse_json, read_capped
 
+# What the range stream of a learned P-frame holds; part of `coder_id`, so a receiver that reads
+# another layout refuses the packets by their header. "motion-1": the block shifts (motion.py)
+# first (before it: the integers only, with the same coder's weights).
+PAYLOAD_FORMAT = "motion-1"
 REF_FRAC = 8  # the reference: latents as integers at scale 2^-8
 CONTEXT_FRAC = 3  # the context network's input: 4 x latents at scale 2^-3 (|latent| < 8)
 UPDATE_FRAC = 4  # the decoder network's input: 4 x the update at scale 2^-4
@@ -278,7 +286,7 @@ def coder_id(model: ConditionalCoder, intra_model_id: int) -> int:
     release's weights) refuses such a frame by its header, with a message naming both ids,
     where decoding it would only fail the reference CRC, frame after frame."""
     crc = zlib.crc32(f"{intra_model_id & 0xFFFFFFFF:08x} {model.cfg.channels} {model.cfg.features} "
-                     f"{model.levels}".encode())
+                     f"{model.levels} {PAYLOAD_FORMAT}".encode())
     for name, t in sorted(model.state_dict().items()):
         crc = zlib.crc32(name.encode(), crc)
         crc = zlib.crc32(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes(), crc)
@@ -290,25 +298,33 @@ def gaussian_coder() -> GaussianCoder:
 
 
 def encode_frame(model: ConditionalCoder, coder: GaussianCoder, y: Tensor, ref: Tensor,
-                 level: int, deadzone: float = 0.0) -> tuple[bytes, Tensor]:
+                 level: int, deadzone: float = 0.0, align: bool = True) -> tuple[bytes, Tensor]:
     """A P-frame: y (1, C, H, W) float latents against the integer reference -> (payload, the
-    next reference). The anchors' integers come first in the payload, then the others'."""
+    next reference). With `align` (the call's P-frames) the payload starts with a shift per block
+    (motion.py) by which both ends move the reference first; then the anchors' integers, then
+    the others'."""
+    enc = coder.encoder()
+    if align:
+        shifts = motion.choose_shifts(ref, y * (1 << REF_FRAC))
+        motion.encode_shifts(coder, enc, shifts)
+        ref = motion.apply_shifts(ref, shifts)
     k, index, mu, features = model.encode(y, ref, level, deadzone)
     a = anchors(k.shape).expand_as(k)
-    enc = coder.encoder()
     for half in (a, ~a):
         coder.encode_into(enc, k[half].numpy(), index[half].numpy())
     return coder.payload(enc), model.reconstruct(k, mu, features, ref, level)
 
 
 def decode_frame(model: ConditionalCoder, coder: GaussianCoder, payload: bytes, ref: Tensor,
-                 level: int) -> Tensor:
+                 level: int, align: bool = True) -> Tensor:
     """The receiver's half of `encode_frame`: payload + the same reference -> the next reference
     (PacketError on a payload that does not decode)."""
+    dec = coder.decoder(payload)
+    if align:
+        ref = motion.apply_shifts(ref, motion.decode_shifts(coder, dec, ref.shape))
     features = model.features(ref)
     mu1, index1 = model.anchor_parameters(features, level)
     a = anchors(ref.shape).expand_as(ref)
-    dec = coder.decoder(payload)
     k = torch.zeros_like(ref)
     k[a] = torch.from_numpy(coder.decode_from(dec, index1[a].numpy())).float()
     mu2, index2 = model.second_parameters(features, k, mu1, level)
