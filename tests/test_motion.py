@@ -64,8 +64,6 @@ def test_shifts_travel_in_the_range_stream_and_bad_ones_are_refused():
     coder.encode_into(enc, np.full(98, 6), np.full(98, motion.SHIFT_SCALE_INDEX))  # beyond ±4: crafted
     with pytest.raises(PacketError, match="block shift"):
         motion.decode_shifts(coder, coder.decoder(coder.payload(enc)), (1, 24, 28, 28))
-    with pytest.raises(ValueError, match="blocks"):
-        motion.blocks_of((1, 24, 27, 28))
 
 
 def test_the_payload_format_is_part_of_the_coder_id(monkeypatch):
@@ -78,3 +76,17 @@ def test_the_payload_format_is_part_of_the_coder_id(monkeypatch):
     now = coder_id(model, 0x1234)
     monkeypatch.setattr(conditional, "PAYLOAD_FORMAT", "plain")
     assert coder_id(model, 0x1234) != now
+
+
+def test_a_latent_grid_that_is_not_whole_blocks_gets_smaller_edge_blocks():
+    """--size 200 gives 25 x 25 latents: 7 x 7 blocks, the last row and column 1 cell deep."""
+    ref = torch.randint(-3000, 3000, (1, 6, 25, 25), generator=torch.Generator().manual_seed(3)).float()
+    assert motion.blocks_of(ref.shape) == (7, 7)
+    moved = motion.shift_exact(ref, -2, 3)
+    shifts = motion.choose_shifts(ref, moved)
+    assert shifts.shape == (7, 7, 2) and (shifts[1:-2, 1:-2] == [-2, 3]).all()
+    assert torch.equal(motion.apply_shifts(ref, shifts)[..., 4:20, 4:20], moved[..., 4:20, 4:20])
+    coder = gaussian_coder()
+    enc = coder.encoder()
+    motion.encode_shifts(coder, enc, shifts)
+    assert np.array_equal(motion.decode_shifts(coder, coder.decoder(coder.payload(enc)), ref.shape), shifts)

@@ -37,11 +37,10 @@ SHIFT_SCALE_INDEX = 8  # the Gaussian table of the components (scale 0.44): 1.27
 
 
 def blocks_of(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """Blocks down and across of latents (…, H, W); every latent grid the call codes divides."""
+    """Blocks down and across of latents (…, H, W); the last row and column of blocks are
+    smaller where H or W is not a multiple of BLOCK (a --size that is not a multiple of 32)."""
     h, w = shape[-2], shape[-1]
-    if h % BLOCK or w % BLOCK:
-        raise ValueError(f"latents of {h}x{w} cells do not split into {BLOCK}x{BLOCK} blocks")
-    return h // BLOCK, w // BLOCK
+    return -(-h // BLOCK), -(-w // BLOCK)
 
 
 def shift_exact(ref: Tensor, qy: int, qx: int) -> Tensor:
@@ -70,7 +69,7 @@ def apply_shifts(ref: Tensor, shifts: np.ndarray) -> Tensor:
     shifts = np.asarray(shifts, np.int64).reshape(by, bx, 2)
     if not shifts.any():
         return ref.clone()
-    per_cell = np.repeat(np.repeat(shifts, BLOCK, 0), BLOCK, 1)  # (H, W, 2)
+    per_cell = np.repeat(np.repeat(shifts, BLOCK, 0), BLOCK, 1)[:h, :w]  # (H, W, 2)
     iy, fy = np.divmod(-per_cell[..., 0], 4)
     ix, fx = np.divmod(-per_cell[..., 1], 4)
     pad = int(max(np.abs(iy).max(), np.abs(ix).max())) + 1
@@ -120,7 +119,7 @@ def choose_shifts(ref: Tensor, target: Tensor, channels: int = SEARCH_CHANNELS) 
         r, t, c = r[keep], t[keep], channels
     r = F.pad(r[None], (1, 1, 1, 1), mode="replicate").reshape(c, 1, h + 2, w + 2)
     d = F.conv2d(r, _KERNELS) - t.reshape(c, 1, h, w)  # (C, SPAN², H, W): every move at once
-    err = (d * d).sum(0)  # (SPAN², H, W)
+    err = F.pad((d * d).sum(0), (0, bx * BLOCK - w, 0, by * BLOCK - h))  # (SPAN², H, W), whole blocks
     per_block = err.reshape(len(_SHIFTS), by, BLOCK, bx, BLOCK).sum((2, 4))
     best = per_block.argmin(0)
     # moving costs bits: keep a block still unless a shift gains more than 1 % of its error
