@@ -515,12 +515,7 @@ class CallServer:
                 if self._within_rate(peer, "camera", CAMERA_MAX_FPS):
                     program.outbox.put_latest(str(kind), message)
                 return
-            try:
-                P.unpack_pcm(message[P.HEADER_SIZE:])
-            except ValueError as exc:
-                return self._error_once(peer, "pcm", P.BAD_MESSAGE, str(exc))
-            if self._within_rate(peer, "audio", P.AUDIO_MAX_CHUNKS_PER_S):
-                program.outbox.put_stream("audio", message, AUDIO_QUEUE_CHUNKS)
+            self._forward_pcm(peer, message, program)
         elif kind == P.KIND_CAMERA and peer.role == "viewer":
             if room.camera_owner != peer.peer_id:
                 return self._error_once(peer, "camera", P.BAD_MESSAGE, 'send {"type":"camera",'
@@ -537,16 +532,19 @@ class CallServer:
                 return self._error_once(peer, "kind4", P.BAD_MESSAGE, WATCH_ONLY if not peer.may_camera
                                         else 'a camera link sends its microphone only while it feeds the '
                                         'camera (send {"type":"camera","on":true} first); until then it only watches')
-            try:
-                P.unpack_pcm(message[P.HEADER_SIZE:])
-            except ValueError as exc:
-                return self._error_once(peer, "pcm", P.BAD_MESSAGE, str(exc))
-            if (sender := room.by_role("sender")) is not None and \
-                    self._within_rate(peer, "audio", P.AUDIO_MAX_CHUNKS_PER_S):
-                sender.outbox.put_stream("audio", message, AUDIO_QUEUE_CHUNKS)
+            self._forward_pcm(peer, message, room.by_role("sender"))
         else:
             self._error_once(peer, f"kind{kind}", P.BAD_MESSAGE,
                              f"a {peer.role} may not send pictures of kind {kind}")
+
+    def _forward_pcm(self, peer: Peer, message: bytes, to: Peer | None) -> None:
+        """A microphone chunk (kind 4), checked and rate-limited, into `to`'s ordered audio queue."""
+        try:
+            P.unpack_pcm(message[P.HEADER_SIZE:])
+        except ValueError as exc:
+            return self._error_once(peer, "pcm", P.BAD_MESSAGE, str(exc))
+        if self._within_rate(peer, "audio", P.AUDIO_MAX_CHUNKS_PER_S) and to is not None:
+            to.outbox.put_stream("audio", message, AUDIO_QUEUE_CHUNKS)
 
     def _error_once(self, peer: Peer, key: str, code: str, message: str) -> None:
         # Pictures arrive at 30 fps: one error per cause is enough, not one per frame.

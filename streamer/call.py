@@ -243,18 +243,15 @@ class Call:
             self.on_pcm(pic.jpeg)
 
     def on_pcm(self, payload: bytes) -> None:
-        if self.mic_muted:
-            self.pcm_chunks += 1
-            return  # (the page stops sending too; chunks on their way are dropped)
-        if self.pushed_audio is None:
-            self.pcm_chunks += 1
+        # while muted, chunks on their way are dropped (the page stops sending too)
+        if not self.mic_muted and self.pushed_audio is None:
             self.pcm_unheard += 1
-            return
-        try:
-            self.pushed_audio.push_pcm(payload)
-        except ValueError:
-            self.pcm_bad += 1  # (the server checked it already: only a bug gets here)
-            return
+        elif not self.mic_muted:
+            try:
+                self.pushed_audio.push_pcm(payload)
+            except ValueError:
+                self.pcm_bad += 1  # (the server checked it already: only a bug gets here)
+                return
         self.pcm_chunks += 1
 
     def on_mute(self, msg: dict[str, Any]) -> None:

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MAX_SHIFT_QUARTERS = 4  # ±1 latent cell in quarter-cell steps
-BLOCK = 4  # cells a side of a block with a shift of its own
+from streamer.codec.motion import BLOCK, MAX_QUARTERS as MAX_SHIFT_QUARTERS  # the call's block motion
 
 
 def shift_grid(max_quarters: int = MAX_SHIFT_QUARTERS) -> list[tuple[float, float]]:

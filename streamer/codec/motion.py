@@ -16,8 +16,8 @@ shifts, and both ends move their integer reference by them before coding against
   range stream, under one fixed table of the coder's Gaussian set.
 
 Measured with the shipped coder, untrained for it (training/motion_probe.py,
-docs/results/learned-p-frames.md): −7.5 % BD-rate on 60-frame val chains with the shifts' cost
-(a full 81-shift search), −10.4 % on the clips that move.
+docs/results/learned-p-frames.md): −6.6 % BD-rate on 60-frame val chains, −9.8 % on the clips
+that move, −6.2 % on whole clips through the call's sessions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ..errors import PacketError
 BLOCK = 4  # latent cells a side of a block with a shift of its own
 MAX_QUARTERS = 4  # the largest shift component, in quarter cells (±1 cell = ±8 px at 224)
 SPAN = 2 * MAX_QUARTERS + 1  # values of one component
-SEARCH_CHANNELS = 24  # the sender compares this many latent channels (those of most variance; 24: all)
 SHIFT_SCALE_INDEX = 8  # the Gaussian table of the components (scale 0.44): 1.27 bits each on val, the best one
 
 
@@ -43,34 +42,18 @@ def blocks_of(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
     return -(-h // BLOCK), -(-w // BLOCK)
 
 
-def shift_exact(ref: Tensor, qy: int, qx: int) -> Tensor:
-    """An integer reference (1, C, H, W) with its content moved by (qy, qx) quarter cells (down,
-    right): bilinear weights in sixteenths, edges replicated, rounded half up, in int64."""
-    _, _, h, w = ref.shape
-    iy, fy = divmod(-int(qy), 4)  # output row y reads row y - qy/4 = y + iy + fy/4 of the input
-    ix, fx = divmod(-int(qx), 4)
-    pad = max(abs(iy), abs(ix)) + 1
-    p = F.pad(ref.to(torch.float64), (pad, pad, pad, pad), mode="replicate").to(torch.int64)
-
-    def at(dy: int, dx: int) -> Tensor:
-        return p[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
-
-    acc = ((4 - fy) * (4 - fx) * at(iy, ix) + (4 - fy) * fx * at(iy, ix + 1)
-           + fy * (4 - fx) * at(iy + 1, ix) + fy * fx * at(iy + 1, ix + 1))
-    return torch.div(acc + 8, 16, rounding_mode="floor").to(ref.dtype)
-
-
 def apply_shifts(ref: Tensor, shifts: np.ndarray) -> Tensor:
     """ref (1, C, H, W) integers moved block by block; shifts (blocks down, blocks across, 2)
-    integer (qy, qx) quarter cells. Each cell is `shift_exact` of its block's shift, computed
-    for all cells at once (four gathers from the padded reference, int64)."""
+    integer (qy, qx) quarter cells, down and right. Each cell is bilinear in sixteenths of the
+    four it falls between, edges replicated, rounded half up: four gathers from the padded
+    reference, int64, for all cells at once."""
     by, bx = blocks_of(ref.shape)
     _, c, h, w = ref.shape
     shifts = np.asarray(shifts, np.int64).reshape(by, bx, 2)
     if not shifts.any():
         return ref.clone()
     per_cell = np.repeat(np.repeat(shifts, BLOCK, 0), BLOCK, 1)[:h, :w]  # (H, W, 2)
-    iy, fy = np.divmod(-per_cell[..., 0], 4)
+    iy, fy = np.divmod(-per_cell[..., 0], 4)  # output row y reads row y + iy + fy/4 of the input
     ix, fx = np.divmod(-per_cell[..., 1], 4)
     pad = int(max(np.abs(iy).max(), np.abs(ix).max())) + 1
     p = F.pad(ref.to(torch.float64), (pad, pad, pad, pad), mode="replicate").to(torch.int64)[0]  # (C, H+2p, W+2p)
@@ -86,13 +69,20 @@ def apply_shifts(ref: Tensor, shifts: np.ndarray) -> Tensor:
     return torch.div(acc + 8, 16, rounding_mode="floor").to(ref.dtype)[None]
 
 
+def shift_exact(ref: Tensor, qy: int, qx: int) -> Tensor:
+    """An integer reference (1, C, H, W) with its content moved by (qy, qx) quarter cells (down,
+    right) everywhere: `apply_shifts` with one shift for every block."""
+    by, bx = blocks_of(ref.shape)
+    return apply_shifts(ref, np.broadcast_to(np.array([qy, qx], np.int64), (by, bx, 2)))
+
+
 def _search_kernels() -> tuple[Tensor, np.ndarray]:
     """The bilinear moves of every shift as 3 x 3 kernels (SPAN², 1, 3, 3), and the shifts."""
     shifts = np.array([(qy, qx) for qy in range(-MAX_QUARTERS, MAX_QUARTERS + 1)
                        for qx in range(-MAX_QUARTERS, MAX_QUARTERS + 1)], np.int64)
     kernels = torch.zeros(len(shifts), 1, 3, 3)
     for n, (qy, qx) in enumerate(shifts):
-        iy, fy = divmod(-int(qy), 4)  # as shift_exact: rows iy and iy + 1, columns ix and ix + 1
+        iy, fy = divmod(-int(qy), 4)  # as apply_shifts: rows iy and iy + 1, columns ix and ix + 1
         ix, fx = divmod(-int(qx), 4)
         for dy, wy in ((iy, 4 - fy), (iy + 1, fy)):
             for dx, wx in ((ix, 4 - fx), (ix + 1, fx)):
@@ -105,18 +95,15 @@ _KERNELS, _SHIFTS = _search_kernels()
 _ZERO = int(np.flatnonzero((_SHIFTS == 0).all(1))[0])
 
 
-def choose_shifts(ref: Tensor, target: Tensor, channels: int = SEARCH_CHANNELS) -> np.ndarray:
+def choose_shifts(ref: Tensor, target: Tensor) -> np.ndarray:
     """The sender's shifts (blocks down, blocks across, 2): per block the one of all SPAN²
     whose moved reference is nearest `target` (the frame's latents at the reference's scale) in
-    squared error over the `channels` of most variance. One float32 convolution moves the
+    squared error. One float32 convolution moves the
     reference by every shift at once; a block keeps no shift unless one is better by more than
     rounding's noise."""
     by, bx = blocks_of(ref.shape)
     _, c, h, w = ref.shape
     r, t = ref.to(torch.float32)[0], target.to(torch.float32)[0]
-    if c > channels:  # the search on the channels that vary most (8 of 24: half the time, 90 % the same shifts)
-        keep = torch.topk(r.reshape(c, -1).var(1), channels).indices
-        r, t, c = r[keep], t[keep], channels
     r = F.pad(r[None], (1, 1, 1, 1), mode="replicate").reshape(c, 1, h + 2, w + 2)
     d = F.conv2d(r, _KERNELS) - t.reshape(c, 1, h, w)  # (C, SPAN², H, W): every move at once
     err = F.pad((d * d).sum(0), (0, bx * BLOCK - w, 0, by * BLOCK - h))  # (SPAN², H, W), whole blocks
